@@ -1,0 +1,128 @@
+"""`scale-hyper <verb> [CONFIG ...] [key=value ...]`.
+
+CONFIG is a preset name (`scale-hyper presets`), a YAML file, or a DeepSpeed JSON; `key=value`
+overrides any config key. Launcher flags (`--local_rank=N`) are accepted and ignored, so the same
+command works under `deepspeed`, `torchrun` and `srun`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Callable, List, Optional
+
+from scale_hyper.config import ConfigError, available_presets, load_config, to_yaml
+
+
+def _config(args: argparse.Namespace) -> int:
+    print(to_yaml(load_config(args.configs)), end="")
+    return 0
+
+
+def _presets(args: argparse.Namespace) -> int:
+    print("\n".join(available_presets()))
+    return 0
+
+
+def _params(args: argparse.Namespace) -> int:
+    from scale_hyper.models import parameter_report
+
+    run = load_config(args.configs)
+    report = parameter_report(run.model)
+    if args.json:
+        print(json.dumps(report, sort_keys=True))
+        return 0
+    base = report["baseline_components"]
+    print(f"{'component':<14}{run.model.mixer:>14}{'bert':>14}")
+    for name, count in report["components"].items():
+        print(f"{name:<14}{count:>14,}{base.get(name, 0):>14,}")
+    print(f"{'total':<14}{report['total_params']:>14,}{report['baseline_params']:>14,}")
+    print(f"delta vs bert of the same geometry: {report['delta_params']:+,} ({report['delta_pct']:+.2f} %)")
+    return 0
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    from scale_hyper.data import prepare
+
+    return prepare.main(load_config(args.configs))
+
+
+def _train(args: argparse.Namespace) -> int:
+    from scale_hyper.engine import train
+
+    return train.main(load_config(args.configs))
+
+
+def _export(args: argparse.Namespace) -> int:
+    from scale_hyper.engine import export
+
+    return export.main(args.checkpoint, args.out, args.configs)
+
+
+def _checkpoint(args: argparse.Namespace) -> int:
+    from scale_hyper.engine import checkpoint
+
+    return checkpoint.main(args.action, args.checkpoint, args.out)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    run = load_config(args.configs)
+    if args.what == "data":
+        from scale_hyper.data import bench
+    else:
+        from scale_hyper.engine import bench
+    return bench.main(run)
+
+
+def _with_configs(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("configs", nargs="*", metavar="CONFIG|key=value", help="presets, YAML/JSON files, overrides")
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="scale-hyper", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
+
+    def verb(name: str, fn: Callable[[argparse.Namespace], int], help: str) -> argparse.ArgumentParser:
+        p = verbs.add_parser(name, help=help)
+        p.set_defaults(fn=fn)
+        return p
+
+    _with_configs(verb("config", _config, "print the resolved configuration as YAML"))
+    verb("presets", _presets, "list the built-in presets")
+    p = _with_configs(verb("params", _params, "parameters by component, and the delta against BERT"))
+    p.add_argument("--json", action="store_true", help="one JSON object (total_params, baseline_params, ...)")
+    _with_configs(verb("prepare", _prepare, "corpus -> tokenizer -> packed WebDataset shards"))
+    _with_configs(verb("train", _train, "train with DeepSpeed (no arguments: the embedded tiny job)"))
+    p = verb("export", _export, "write a Hugging Face directory from a training checkpoint")
+    p.add_argument("checkpoint", help="checkpoint directory (runs/x/checkpoints/step_N) or run output_dir")
+    p.add_argument("out", help="output directory")
+    _with_configs(p)
+    p = verb("checkpoint", _checkpoint, "checkpoint tools")
+    p.add_argument("action", choices=["universal"], help="universal: convert for resuming at another world size")
+    p.add_argument("checkpoint", help="checkpoint directory")
+    p.add_argument("--out", default=None, help="output directory (default: CHECKPOINT_universal)")
+    p = verb("bench", _bench, "benchmarks that print figures")
+    p.add_argument("what", choices=["data", "train"])
+    _with_configs(p)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # The deepspeed launcher puts --local_rank after the verb's arguments: accept it anywhere.
+    argv = [a for a in argv if not a.startswith(("--local_rank=", "--local-rank="))]
+    args, unknown = build_parser().parse_known_args(argv)
+    stray = [u for u in unknown if not u.lstrip("-").replace("_", "").replace("-", "").isdigit()]
+    stray = [u for u in stray if u not in ("--local_rank", "--local-rank")]
+    if stray:
+        print(f"scale-hyper: unrecognised arguments: {' '.join(stray)}", file=sys.stderr)
+        return 2
+    try:
+        return args.fn(args)
+    except ConfigError as err:
+        print(f"scale-hyper: config error: {err}", file=sys.stderr)
+        return 2
+

@@ -1,0 +1,165 @@
+"""Build a RunConfig from presets, YAML files and ``key=value`` overrides.
+
+Order of precedence (later wins): schema defaults → ``presets/defaults.yaml`` (the embedded main
+job) → each CONFIG argument in order (a preset name, a YAML path, or a DeepSpeed JSON) → overrides.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import fields, is_dataclass
+from importlib import resources
+from typing import Iterable, List, Sequence
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from scale_hyper.config.schema import RunConfig
+
+PRESET_PACKAGE = "scale_hyper.presets"
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration problem; the message names the key and the fix."""
+
+
+def available_presets() -> List[str]:
+    names = [p.name[: -len(".yaml")] for p in resources.files(PRESET_PACKAGE).iterdir() if p.name.endswith(".yaml")]
+    return sorted(n for n in names if n != "defaults")
+
+
+def _preset_text(name: str) -> str:
+    return resources.files(PRESET_PACKAGE).joinpath(f"{name}.yaml").read_text()
+
+
+def _all_keys(schema=RunConfig, prefix: str = "") -> List[str]:
+    keys = []
+    for f in fields(schema):
+        key = f"{prefix}{f.name}"
+        keys.append(key)
+        default = f.default_factory() if callable(f.default_factory) else f.default  # type: ignore[misc]
+        if is_dataclass(default):
+            keys.extend(_all_keys(type(default), key + "."))
+    return keys
+
+
+def _suggest(key: str) -> str:
+    keys = _all_keys()
+    close = difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
+    if not close:  # a misspelt leaf under the right group: compare leaf names
+        leaf = key.rsplit(".", 1)[-1]
+        by_leaf = {k.rsplit(".", 1)[-1]: k for k in keys}
+        close = [by_leaf[m] for m in difflib.get_close_matches(leaf, list(by_leaf), n=1, cutoff=0.6)]
+    return f" Did you mean '{close[0]}'?" if close else ""
+
+
+def _is_known(key: str) -> bool:
+    keys = set(_all_keys())
+    if key in keys:
+        return True
+    # Free-form dict fields (deepspeed.extra, tracking.tags) accept any sub-key.
+    return any(key.startswith(f"{k}.") for k in ("deepspeed.extra", "tracking.tags"))
+
+
+def _explain(err: OmegaConfBaseException, origin: str) -> ConfigError:
+    key = getattr(err, "full_key", None) or getattr(err, "key", None) or "?"
+    if isinstance(err, ConfigKeyError):
+        return ConfigError(
+            f"unknown config key '{key}' (from {origin}).{_suggest(str(key))} "
+            "Run `scale-hyper config` to list every valid key."
+        )
+    if isinstance(err, ValidationError):
+        first_line = str(err).splitlines()[0]
+        return ConfigError(f"bad value for config key '{key}' (from {origin}): {first_line}")
+    return ConfigError(f"invalid configuration (from {origin}): {str(err).splitlines()[0]}")
+
+
+def _load_source(arg: str) -> tuple[DictConfig, str]:
+    """A CONFIG argument: a YAML path, a DeepSpeed JSON path, or a preset name."""
+    if arg.endswith(".json"):
+        if not os.path.isfile(arg):
+            raise ConfigError(f"DeepSpeed config file not found: {arg}")
+        return OmegaConf.create({"deepspeed": {"config": os.path.abspath(arg)}}), arg
+    if arg.endswith((".yaml", ".yml")) or os.sep in arg:
+        if not os.path.isfile(arg):
+            raise ConfigError(f"config file not found: {arg}")
+        return OmegaConf.load(arg), arg
+    if arg in available_presets():
+        return OmegaConf.create(_preset_text(arg)), f"preset {arg}"
+    close = difflib.get_close_matches(arg, available_presets(), n=3)
+    hint = f" Did you mean {', '.join(close)}?" if close else ""
+    raise ConfigError(
+        f"'{arg}' is neither a config file nor a preset.{hint} "
+        f"Presets: {', '.join(available_presets())}."
+    )
+
+
+def load_config(args: Sequence[str] = ()) -> RunConfig:
+    """Merge presets/files/overrides onto the schema; return a typed, validated RunConfig."""
+    cfg = OmegaConf.structured(RunConfig)
+    sources: List[tuple[DictConfig, str]] = [(OmegaConf.create(_preset_text("defaults")), "preset defaults")]
+    overrides = []
+    for arg in args:
+        if "=" in arg and not os.path.isfile(arg):
+            overrides.append(arg)
+        else:
+            sources.append(_load_source(arg))
+    for arg in overrides:  # name the whole mistyped key, not just its first unknown part
+        key = arg.split("=", 1)[0]
+        if not _is_known(key):
+            raise ConfigError(
+                f"unknown config key '{key}' (from command-line overrides).{_suggest(key)} "
+                "Run `scale-hyper config` to list every valid key."
+            )
+    try:
+        sources.append((OmegaConf.from_dotlist(overrides), "command-line overrides"))
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"cannot parse overrides {overrides}: {err}") from None
+    for source, origin in sources:
+        try:
+            cfg = OmegaConf.merge(cfg, source)
+        except OmegaConfBaseException as err:
+            raise _explain(err, origin) from None
+    try:
+        run: RunConfig = OmegaConf.to_object(cfg)  # resolves interpolations, checks types
+    except OmegaConfBaseException as err:
+        raise _explain(err, "interpolation") from None
+    try:
+        run.model.validate()
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    return run
+
+
+def to_yaml(run: RunConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(run))
+
+
+def flatten(run: RunConfig) -> dict:
+    """``{"model.hidden_size": 256, ...}``: for MLflow params and diffs."""
+    out = {}
+
+    def walk(node, prefix):
+        for k, v in node.items():
+            if isinstance(v, dict) and v:
+                walk(v, f"{prefix}{k}.")
+            else:
+                out[f"{prefix}{k}"] = v
+
+    walk(OmegaConf.to_container(OmegaConf.structured(run)), "")
+    return out
+
+
+def split_args(argv: Iterable[str]) -> List[str]:
+    """Drop launcher-injected flags (``--local_rank=N``, ``--local-rank N``) from CONFIG args."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a.startswith(("--local_rank", "--local-rank")):
+            skip = "=" not in a
+            continue
+        out.append(a)
+    return out

@@ -1,0 +1,1 @@
+"""Training engine: DeepSpeed setup, residency of the shared hypernetwork, checkpoints, tracking."""

@@ -1,0 +1,158 @@
+"""Generate the DeepSpeed JSON from the run config (the config dataclasses stay the source of truth).
+
+A JSON passed as `deepspeed.config` (e.g. `ds_configs/zero3.json`) is merged over the generated one:
+its values win, and a value of "auto" means "take it from the scale-hyper config".
+`deepspeed.extra` is merged last.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from typing import Any, Dict
+
+import torch
+
+from scale_hyper.config import ConfigError, RunConfig
+
+
+def batch_arithmetic(run: RunConfig, world_size: int) -> tuple[int, int, int]:
+    """(micro, grad_accum, global); global = micro × accumulation × world, checked."""
+    micro, global_ = run.train.micro_batch_size, run.train.global_batch_size
+    if global_ == 0:
+        global_ = micro * world_size
+    if micro <= 0 or global_ % (micro * world_size):
+        raise ConfigError(
+            f"train.global_batch_size={global_} is not a multiple of train.micro_batch_size={micro} × "
+            f"world size {world_size} = {micro * world_size}. Set train.global_batch_size to a multiple "
+            f"(e.g. {micro * world_size * max(1, round(global_ / max(1, micro * world_size)))}) or 0 for micro × world."
+        )
+    return micro, global_ // (micro * world_size), global_
+
+
+def resolve_precision(choice: str, device: torch.device) -> str:
+    if choice != "auto":
+        if choice not in ("fp32", "bf16", "fp16"):
+            raise ConfigError(f"deepspeed.precision={choice!r} is not one of auto, fp32, bf16, fp16")
+        return choice
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "fp32"  # CPU: fp32 is the fast path on most CPUs and the exact-resume reference
+
+
+def _scheduler(run: RunConfig) -> Dict[str, Any]:
+    t = run.train
+    warmup = max(1, round(t.warmup_ratio * t.max_steps)) if t.warmup_ratio > 0 else 0
+    if t.decay == "cosine":
+        return {
+            "type": "WarmupCosineLR",
+            "params": {
+                "total_num_steps": t.max_steps,
+                "warmup_num_steps": warmup,
+                "warmup_min_ratio": 0.0,
+                "cos_min_ratio": t.min_lr_ratio,
+                "warmup_type": "linear",
+            },
+        }
+    if t.decay != "linear":
+        raise ConfigError(f"train.decay={t.decay!r} is not one of linear, cosine")
+    return {
+        "type": "WarmupDecayLR",
+        "params": {
+            "total_num_steps": t.max_steps,
+            "warmup_num_steps": warmup,
+            "warmup_min_lr": 0.0,
+            "warmup_max_lr": t.lr,
+            "warmup_type": "linear",
+        },
+    }
+
+
+def _optimizer(run: RunConfig) -> Dict[str, Any]:
+    t, ds = run.train, run.deepspeed
+    params: Dict[str, Any] = {"lr": t.lr, "betas": list(t.adam_betas), "eps": t.adam_eps, "weight_decay": t.weight_decay}
+    if ds.optimizer == "adamw" and not ds.offload_optimizer:
+        params["torch_adam"] = True  # no JIT build; FusedAdam needs TORCH_CUDA_ARCH_LIST on some machines
+    elif ds.optimizer not in ("adamw", "fused_adam", "cpu_adam"):
+        raise ConfigError(f"deepspeed.optimizer={ds.optimizer!r} is not one of adamw, fused_adam, cpu_adam")
+    return {"type": "AdamW", "params": params}
+
+
+def generate(run: RunConfig, world_size: int, device: torch.device) -> Dict[str, Any]:
+    ds = run.deepspeed
+    if ds.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"deepspeed.zero_stage={ds.zero_stage} must be 0, 1, 2 or 3")
+    micro, accum, global_ = batch_arithmetic(run, world_size)
+    zero: Dict[str, Any] = {
+        "stage": ds.zero_stage,
+        "overlap_comm": ds.overlap_comm and device.type == "cuda",
+        "reduce_bucket_size": ds.reduce_bucket_size,
+    }
+    if ds.zero_stage == 3:
+        zero["stage3_param_persistence_threshold"] = ds.param_persistence_threshold
+    if ds.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": device.type == "cuda"}
+    if ds.offload_param:
+        if ds.zero_stage != 3:
+            raise ConfigError("deepspeed.offload_param=true needs deepspeed.zero_stage=3")
+        zero["offload_param"] = {"device": "cpu", "pin_memory": device.type == "cuda"}
+    out: Dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": accum,
+        "train_batch_size": global_,
+        "gradient_clipping": run.train.grad_clip,
+        "zero_optimization": zero,
+        "optimizer": _optimizer(run),
+        "scheduler": _scheduler(run),
+        "steps_per_print": 10**9,  # our own logger reports progress
+        "wall_clock_breakdown": False,
+    }
+    precision = resolve_precision(ds.precision, device)
+    if precision == "bf16":
+        out["bf16"] = {"enabled": True}
+    elif precision == "fp16":
+        out["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}
+    return out
+
+
+def _merge(base: Dict[str, Any], over: Dict[str, Any]) -> Dict[str, Any]:
+    merged = copy.deepcopy(base)
+    for key, value in over.items():
+        if value == "auto":
+            continue
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def build(run: RunConfig, world_size: int, device: torch.device) -> Dict[str, Any]:
+    """The DeepSpeed config dict for this run: generated, then the user's JSON, then `extra`."""
+    out = generate(run, world_size, device)
+    if run.deepspeed.config:
+        try:
+            with open(run.deepspeed.config) as f:
+                user = json.load(f)
+        except (OSError, json.JSONDecodeError) as err:
+            raise ConfigError(f"cannot read deepspeed.config={run.deepspeed.config}: {err}") from None
+        user.pop("//", None)  # comment key in our presets
+        out = _merge(out, user)
+        _check_batch(out, world_size)
+    out = _merge(out, dict(run.deepspeed.extra))
+    if "offload_optimizer" in out.get("zero_optimization", {}):
+        out["optimizer"]["params"].pop("torch_adam", None)  # offloaded state needs DeepSpeedCPUAdam
+    return out
+
+
+def _check_batch(ds: Dict[str, Any], world_size: int) -> None:
+    micro, accum, total = ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]
+    if micro * accum * world_size != total:
+        raise ConfigError(
+            f"DeepSpeed batch sizes disagree: micro {micro} × accumulation {accum} × world {world_size} != "
+            f"train_batch_size {total}. Use \"auto\" in the JSON to take them from train.* keys."
+        )
+
+
+def zero_stage(ds: Dict[str, Any]) -> int:
+    return int(ds.get("zero_optimization", {}).get("stage", 0))

@@ -1,0 +1,88 @@
+"""The BERT-style encoder skeleton shared by every mixer: L blocks of mixer + FFN.
+
+post-LN (BERT): x = LN(x + mixer(x)); x = LN(x + FFN(x))
+pre-LN:         x = x + mixer(LN(x)); x = x + FFN(LN(x)); a final LN after the last block
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .layers import FeedForward
+from .mixer_bert import BertMixer
+from .mixer_hyla import HylaMixer
+from .mixer_hyper import HyperBertMixer, HyperNetwork
+from .mixer_hypermixer import HyperMixerMixer
+
+MIXER_CLASSES: dict[str, type[nn.Module]] = {
+    "bert": BertMixer,
+    "hyperbert": HyperBertMixer,
+    "hypermixer": HyperMixerMixer,
+    "hyla": HylaMixer,
+}
+
+
+def build_mixer(cfg) -> nn.Module:
+    if cfg.mixer not in MIXER_CLASSES:
+        raise ValueError(f"model.mixer={cfg.mixer!r} is not one of {', '.join(MIXER_CLASSES)}")
+    return MIXER_CLASSES[cfg.mixer](cfg)
+
+
+class EncoderBlock(nn.Module):
+    """One layer. Every mixer has the signature ``mixer(x, mask, hypernet=None, layer=0)``."""
+
+    def __init__(self, cfg) -> None:
+        super().__init__()
+        self.pre_norm = cfg.norm_position == "pre"
+        self.mixer = build_mixer(cfg)
+        self.mixer_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.ffn = FeedForward(cfg.hidden_size, cfg.ffn_size)
+        self.ffn_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor | None, hypernet: nn.Module | None = None, layer: int = 0
+    ) -> torch.Tensor:
+        if self.pre_norm:
+            x = x + self.dropout(self.mixer(self.mixer_norm(x), mask, hypernet=hypernet, layer=layer))
+            return x + self.dropout(self.ffn(self.ffn_norm(x)))
+        x = self.mixer_norm(x + self.dropout(self.mixer(x, mask, hypernet=hypernet, layer=layer)))
+        return self.ffn_norm(x + self.dropout(self.ffn(x)))
+
+
+class Encoder(nn.Module):
+    """The block stack; owns HyperBERT's shared hypernetwork (``encoder.hypernet``) when used."""
+
+    def __init__(self, cfg) -> None:
+        super().__init__()
+        # Registered here, once: blocks only receive it as an argument, so its parameters appear
+        # once in state_dict() and ZeRO-3 sees a single module called L times.
+        self.hypernet = HyperNetwork(cfg) if cfg.mixer == "hyperbert" else None
+        self.layers = nn.ModuleList(EncoderBlock(cfg) for _ in range(cfg.num_layers))
+        self.final_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps) if cfg.norm_position == "pre" else None
+        self.activation_checkpointing = False
+
+    def set_activation_checkpointing(self, enabled: bool) -> None:
+        self.activation_checkpointing = bool(enabled)
+
+    def shared_modules(self) -> list[nn.Module]:
+        return [self.hypernet] if self.hypernet is not None else []
+
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor | None, output_hidden_states: bool = False
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+        hidden_states = (x,) if output_hidden_states else None
+        for i, block in enumerate(self.layers):
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                # Non-reentrant only: the reentrant variant breaks the shared hypernetwork's
+                # gradients under ZeRO-2/3 (it is reached from several checkpointed regions).
+                x = checkpoint(block, x, mask, self.hypernet, i, use_reentrant=False)
+            else:
+                x = block(x, mask, hypernet=self.hypernet, layer=i)
+            if output_hidden_states:
+                hidden_states = hidden_states + (x,)
+        if self.final_norm is not None:
+            x = self.final_norm(x)
+        return x, hidden_states

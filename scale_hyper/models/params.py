@@ -1,0 +1,62 @@
+"""Parameter accounting by component, and the comparison of a mixer against BERT of equal geometry."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+
+from .model_config import ModelConfig
+
+COMPONENTS = ("embeddings", "mixers", "hypernetwork", "ffn", "heads")
+
+
+def component_of(name: str) -> str:
+    """Component of a parameter, from its qualified name (any prefix before ``embeddings``/``encoder``)."""
+    parts = name.split(".")
+    if "hypernet" in parts:
+        return "hypernetwork"
+    if "embeddings" in parts:
+        return "embeddings"
+    if "mixer" in parts or "mixer_norm" in parts:
+        return "mixers"
+    # Pre-LN's final LayerNorm normalises the last FFN's residual stream: counted with the FFNs.
+    if "ffn" in parts or "ffn_norm" in parts or "final_norm" in parts:
+        return "ffn"
+    if "lm_head" in parts or "classification_head" in parts:
+        return "heads"
+    raise ValueError(f"parameter {name!r} belongs to no known component; update params.component_of")
+
+
+def count_by_component(model: nn.Module) -> dict[str, int]:
+    """Parameters per component plus ``total``; shared/tied parameters are counted once."""
+    counts = dict.fromkeys(COMPONENTS, 0)
+    for name, param in model.named_parameters():  # deduplicated: the tied decoder is counted once
+        counts[component_of(name)] += param.numel()
+    counts["total"] = sum(counts[c] for c in COMPONENTS)
+    return counts
+
+
+def _meta_mlm(mc: ModelConfig) -> nn.Module:
+    # Local import: keeps this module importable without transformers' model machinery loaded.
+    from .modeling_scale_hyper import build_model
+
+    with torch.device("meta"):  # shapes only: no memory, no init, fast even for large presets
+        return build_model(mc, task="mlm")
+
+
+def parameter_report(mc: ModelConfig) -> dict:
+    """Component counts of the MLM model for ``mc`` and of BERT with the same geometry."""
+    components = count_by_component(_meta_mlm(mc))
+    baseline = count_by_component(_meta_mlm(dataclasses.replace(mc, mixer="bert")))
+    delta = components["total"] - baseline["total"]
+    return {
+        "mixer": mc.mixer,
+        "components": components,
+        "total_params": components["total"],
+        "baseline_components": baseline,
+        "baseline_params": baseline["total"],
+        "delta_params": delta,
+        "delta_pct": 100.0 * delta / baseline["total"],
+    }
