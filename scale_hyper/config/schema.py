@@ -21,15 +21,18 @@ class DataConfig:
     source: str = "stdlib"
     hf_config: Optional[str] = None  # datasets config name, e.g. wikitext-103-raw-v1
     hf_split: str = "train"
+    hf_data_files: Optional[str] = None  # data_files for hf:json / hf:text / hf:parquet (a path or glob)
     text_field: str = "text"  # field holding the text in .jsonl / datasets rows
     max_documents: int = 0  # 0 = all
     # Shards: a local directory, or a URL/brace pattern webdataset can read (file:, http(s):, pipe:, s3:).
     output: str = "data/stdlib"
     tokenizer: Optional[str] = None  # existing tokenizer directory; None = train WordPiece on the corpus
+    tokenizer_train_chars: int = 500_000_000  # WordPiece is trained on the corpus' first N characters; 0 = all
     vocab_size: int = 4096
     seq_len: int = 128
     sequences_per_block: int = 64  # sequences per .npy tar member
     sequences_per_shard: int = 4096
+    min_shards: int = 16  # small corpora are cut into at least this many shards (ranks × workers must fit)
     val_fraction: float = 0.02
     prepare_workers: int = 2
     # Loader
@@ -61,6 +64,7 @@ class TrainConfig:
     seed: int = 1234
     resume: str = "auto"  # auto (newest checkpoint in output_dir) | none | a checkpoint path
     save_every: int = 100
+    stop_after_steps: int = 0  # checkpoint and exit after this many steps in one invocation (time-sliced jobs); 0 = off
     keep_checkpoints: int = 2
     log_every: int = 10
     eval_every: int = 100

@@ -169,7 +169,7 @@ class Context:
             ctx.start_heartbeat()
         if ctx.val_before is None:
             ctx.val_before = ctx.evaluate()
-            tracker.log_metrics(ctx.val_before, step=0)
+            ctx.record(ctx.val_before, 0)
         return ctx
 
     @staticmethod
@@ -190,8 +190,20 @@ class Context:
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)
         return bad.item() == 0.0
 
+    def record(self, metrics: Dict[str, float], step: int) -> None:
+        """Metrics to MLflow and, for reading without MLflow, to {output_dir}/metrics.jsonl (rank 0)."""
+        self.tracker.log_metrics(metrics, step=step)
+        if self.info.is_main:
+            path = Path(self.run.train.output_dir) / "metrics.jsonl"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "a") as f:
+                f.write(json.dumps({"step": step, **metrics}) + "\n")
+
     def step_metrics(self, tokens_per_s: float) -> Dict[str, float]:
-        loss = self.loss_sum / max(self.loss_n, 1)
+        """Called on every rank at log steps: the loss is averaged over ranks and micro-batches."""
+        total = torch.tensor([self.loss_sum, float(self.loss_n)], dtype=torch.float64, device=self.info.device)
+        dist.all_reduce(total)
+        loss = (total[0] / total[1].clamp(min=1)).item()
         self.loss_sum, self.loss_n = 0.0, 0
         grad_norm = self.engine.get_global_grad_norm()
         metrics = {
@@ -267,24 +279,26 @@ class Context:
         threading.Thread(target=beat, name="scale-hyper-heartbeat", daemon=True).start()
 
     def silent_ranks(self) -> List[int]:
-        """Other ranks whose heartbeat stopped (best effort: the store lives with rank 0)."""
-        limit = time.time() - 6 * self._BEAT_S
-        silent = []
+        """Other ranks whose heartbeat stopped advancing (best effort: the store lives with rank 0)."""
         try:
             store = dist.distributed_c10d._get_default_store()
-            for r in range(self.info.world_size):
-                key = self._HEARTBEAT + str(r)
-                if r != self.info.rank and (not store.check([key]) or float(store.get(key)) < limit):
-                    silent.append(r)
+            keys = {r: self._HEARTBEAT + str(r) for r in range(self.info.world_size) if r != self.info.rank}
+
+            def read() -> Dict[int, bytes]:
+                return {r: store.get(k) if store.check([k]) else b"" for r, k in keys.items()}
+
+            first = read()
+            time.sleep(2.5 * self._BEAT_S)  # a live rank beats at least twice in this window
+            second = read()
         except Exception:
             return []
-        return silent
+        return [r for r in keys if first[r] == second[r]]
 
     # ---------------------------------------------------------------- the end
     def finish(self, step: int) -> str:
         ckpt = self.save(step) if self.last_saved != step else checkpoint.checkpoint_root(self.run.train.output_dir) / f"step_{step}"
         after = self.evaluate()
-        self.tracker.log_metrics(after, step=step)
+        self.record(after, step)
         export_dir = None
         if self.run.train.export:
             dist.barrier()

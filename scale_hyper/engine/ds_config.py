@@ -42,7 +42,7 @@ def resolve_precision(choice: str, device: torch.device) -> str:
 
 def _scheduler(run: RunConfig) -> Dict[str, Any]:
     t = run.train
-    warmup = max(1, round(t.warmup_ratio * t.max_steps)) if t.warmup_ratio > 0 else 0
+    warmup = max(1, round(t.warmup_ratio * t.max_steps))  # DeepSpeed requires at least 1
     if t.decay == "cosine":
         return {
             "type": "WarmupCosineLR",

@@ -79,14 +79,16 @@ def train(run: RunConfig, ctx: Context, stop: StopRequested) -> Dict[str, Any]:
             elapsed, clock = time.perf_counter() - clock, time.perf_counter()
             metrics = ctx.step_metrics(tokens_since * info.world_size / elapsed)
             tokens_since = 0
-            ctx.tracker.log_metrics(metrics, step=step)
+            ctx.record(metrics, step)
             progress.update(step, metrics)
         if step % t.eval_every == 0 and step < t.max_steps:
-            ctx.tracker.log_metrics(ctx.evaluate(), step=step)
-        if stop.agreed(info.device):
+            ctx.record(ctx.evaluate(), step)
+        sliced = t.stop_after_steps and step - ctx.start_step >= t.stop_after_steps and step < t.max_steps
+        if stop.agreed(info.device) or sliced:
             ctx.save(step)
             progress.close()
-            return {"stopped_by_signal": signal.Signals(stop.signum or signal.SIGTERM).name, "step": step}
+            reason = signal.Signals(stop.signum).name if stop.signum else "train.stop_after_steps"
+            return {"stopped_by": reason, "step": step}
         if step % t.save_every == 0 and step < t.max_steps:
             ctx.save(step)
     progress.close()
@@ -103,8 +105,8 @@ def main(run: RunConfig) -> int:
         info = init_distributed(run.train.device, run.train.dist_timeout_minutes)
         ctx = Context.build(run, info)
         result = train(run, ctx, stop)
-        if "stopped_by_signal" in result:
-            log(info, f"{result['stopped_by_signal']} received: checkpoint saved at step {result['step']}; "
+        if "stopped_by" in result:
+            log(info, f"stopped by {result['stopped_by']}: checkpoint saved at step {result['step']}; "
                 "exiting so the job can be requeued (train.resume=auto continues from it)")
             ctx.tracker.finish("KILLED")
             return 0

@@ -42,10 +42,11 @@ def hyper_mixing(
     w2h = w2.reshape(b, n, heads, width // heads)
 
     # W1ᵀX sums N terms, so its magnitude grows with N: accumulate in fp32 even under autocast/bf16.
+    acc = torch.promote_types(x.dtype, torch.float32)  # fp32, or fp64 for a float64 model
     with torch.autocast(device_type=x.device.type, enabled=False):
-        hidden = torch.einsum("bnhp,bnhc->bhpc", w1h.float(), xh.float())  # [B, H, d'/H, d/H]
+        hidden = torch.einsum("bnhp,bnhc->bhpc", w1h.to(acc), xh.to(acc))  # [B, H, d'/H, d/H]
         if scale != "none":
-            count = real_token_count(mask, b, n, x.device)
+            count = real_token_count(mask, b, n, x.device, acc)
             divisor = count.sqrt() if scale == "sqrt" else count
             hidden = hidden / divisor[:, None, None, None]
     hidden = hidden.to(x.dtype)

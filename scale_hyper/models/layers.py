@@ -81,9 +81,10 @@ def sinusoidal_positions(n: int, dim: int, device: torch.device, dtype: torch.dt
     Computed on the fly rather than stored as a buffer: Hugging Face builds models on the meta
     device and would leave a non-persistent buffer uninitialised.
     """
-    position = torch.arange(n, device=device, dtype=torch.float32)[:, None]
-    freq = torch.exp(torch.arange(0, dim, 2, device=device, dtype=torch.float32) * (-math.log(10000.0) / dim))
-    table = torch.zeros(n, dim, device=device, dtype=torch.float32)
+    work = torch.promote_types(dtype, torch.float32)  # at least fp32 even for a bf16 model
+    position = torch.arange(n, device=device, dtype=work)[:, None]
+    freq = torch.exp(torch.arange(0, dim, 2, device=device, dtype=work) * (-math.log(10000.0) / dim))
+    table = torch.zeros(n, dim, device=device, dtype=work)
     table[:, 0::2] = torch.sin(position * freq)
     table[:, 1::2] = torch.cos(position * freq[: dim // 2])
     return table.to(dtype)
@@ -93,8 +94,9 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.
     """Rotary position embedding (rotate-half form) on q, k of shape [B, H, N, head_dim]."""
     n, head_dim = q.shape[-2], q.shape[-1]
     half = head_dim // 2
-    inv_freq = 1.0 / (10000.0 ** (torch.arange(half, device=q.device, dtype=torch.float32) / half))
-    angles = torch.arange(n, device=q.device, dtype=torch.float32)[:, None] * inv_freq[None, :]
+    work = torch.promote_types(q.dtype, torch.float32)
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(half, device=q.device, dtype=work) / half))
+    angles = torch.arange(n, device=q.device, dtype=work)[:, None] * inv_freq[None, :]
     cos = torch.cat([angles.cos(), angles.cos()], dim=-1).to(q.dtype)
     sin = torch.cat([angles.sin(), angles.sin()], dim=-1).to(q.dtype)
 
@@ -108,8 +110,10 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.
     return rotate(q), rotate(k)
 
 
-def real_token_count(mask: torch.Tensor | None, batch: int, n: int, device: torch.device) -> torch.Tensor:
-    """Number of real (non-pad) tokens per sequence as float32 [B] (at least 1)."""
+def real_token_count(
+    mask: torch.Tensor | None, batch: int, n: int, device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
+    """Number of real (non-pad) tokens per sequence [B] (at least 1)."""
     if mask is None:
-        return torch.full((batch,), float(n), device=device)
-    return mask.sum(dim=1).clamp(min=1).to(torch.float32)
+        return torch.full((batch,), float(n), device=device, dtype=dtype)
+    return mask.sum(dim=1).clamp(min=1).to(dtype)

@@ -28,8 +28,9 @@ def hyla_chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torc
     """One query chunk. q [B, H, C, dh], k/v [B, H, N, dh], key_mask [B, N] bool -> [B, C, H·dh]."""
     s = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])  # [B, H, C, N]
     # The across-head RMS is a mean of squares: take it in fp32 whatever the compute dtype.
-    rms = torch.rsqrt(s.float().pow(2).mean(dim=1, keepdim=True) + HYLA_EPS)
-    a = (s.float() * rms).to(s.dtype)
+    acc = torch.promote_types(s.dtype, torch.float32)
+    rms = torch.rsqrt(s.to(acc).pow(2).mean(dim=1, keepdim=True) + HYLA_EPS)
+    a = (s.to(acc) * rms).to(s.dtype)
     if key_mask is not None:
         a = a * key_mask[:, None, None, :].to(a.dtype)
     r = F.relu(torch.einsum("bhcn,bhnd->bcnd", a, v))  # [B, C, N, dh]: the per-pair value network

@@ -67,7 +67,8 @@ class ModelConfig:
                 f"model.hidden_size={self.hidden_size} must be divisible by model.num_heads={self.num_heads}"
             )
         heads = self.effective_mixer_heads
-        if self.hidden_size % heads or self.mixer_width % heads:
+        generated = self.mixer in ("hyperbert", "hypermixer")
+        if self.hidden_size % heads or (generated and self.mixer_width % heads):
             raise ValueError(
                 f"model.hidden_size={self.hidden_size} and model.mixer_width={self.mixer_width} "
                 f"must be divisible by the mixer heads ({heads})"

@@ -1,0 +1,209 @@
+"""Documents from ``data.source``, streamed one string at a time, in a deterministic order.
+
+- ``stdlib``: real English that exists on every machine with no download: the topics of Python's
+  own documentation (``pydoc_data.topics``, one document per topic, sorted by name), then the
+  docstrings of standard-library modules, one document per module (files sorted by path). Docstrings
+  are read with ``ast`` from the source files, so no module is imported or executed.
+- a local file, directory, glob, or a comma-separated list of them: ``.txt`` (documents separated
+  by blank lines), ``.jsonl`` (one JSON object per line, text in ``data.text_field``), each
+  optionally gzipped (``.gz``).
+- ``hf:NAME``: a Hugging Face ``datasets`` dataset in streaming mode (``data.hf_config``,
+  ``data.hf_split``, ``data.hf_data_files``), e.g. ``hf:Salesforce/wikitext`` with
+  ``data.hf_config=wikitext-103-raw-v1``, or ``hf:json`` with ``data.hf_data_files=corpus.jsonl``.
+
+Blank documents are dropped; ``data.max_documents`` (0 = all) counts the documents kept.
+"""
+
+from __future__ import annotations
+
+import ast
+import glob
+import gzip
+import io
+import itertools
+import json
+import os
+import sys
+import sysconfig
+from functools import lru_cache
+from typing import Any, Dict, Iterator, List, Tuple
+
+# stdlib parts whose docstrings are tests, vendored code or GUI demos, not documentation.
+_SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__", "turtledemo"}
+_MAX_SOURCE_BYTES = 2_000_000  # a few generated files are huge and hold no prose
+_MAX_TXT_DOC_CHARS = 1_000_000  # a .txt without blank lines is still cut into bounded documents
+
+
+def iter_documents(cfg) -> Iterator[str]:
+    """The non-blank documents of ``cfg.source`` (a DataConfig), honouring ``cfg.max_documents``."""
+    docs = (d for d in _raw_documents(cfg) if d and not d.isspace())
+    if cfg.max_documents and cfg.max_documents > 0:
+        docs = itertools.islice(docs, cfg.max_documents)
+    return docs
+
+
+def _raw_documents(cfg) -> Iterator[str]:
+    source = cfg.source
+    if source == "stdlib":
+        return iter(_stdlib_documents())
+    if source.startswith("hf:"):
+        return _hf_documents(cfg)
+    return _file_documents(local_files(source), cfg.text_field)
+
+
+def describe(cfg) -> Dict[str, Any]:
+    """What the corpus was, for the manifest (local files: names and sizes, so a change is noticed)."""
+    out: Dict[str, Any] = {"source": cfg.source, "max_documents": cfg.max_documents}
+    if cfg.source == "stdlib":
+        out["python"] = sys.version.split()[0]  # the stdlib corpus follows the Python version
+    elif cfg.source.startswith("hf:"):
+        out.update(hf_config=cfg.hf_config, hf_split=cfg.hf_split, hf_data_files=cfg.hf_data_files,
+                   text_field=cfg.text_field)
+    else:
+        out["files"] = [[os.path.basename(p), os.path.getsize(p)] for p in local_files(cfg.source)]
+        out["text_field"] = cfg.text_field
+    return out
+
+
+# --- stdlib -----------------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=1)
+def _stdlib_documents() -> Tuple[str, ...]:
+    """≈1.7 MB, cached: prepare reads the corpus twice (tokenizer training, then shards)."""
+    return tuple(_pydoc_topics()) + tuple(_stdlib_docstrings())
+
+
+def _pydoc_topics() -> Iterator[str]:
+    from pydoc_data.topics import topics
+
+    for name in sorted(topics):
+        yield topics[name]
+
+
+def _stdlib_docstrings() -> Iterator[str]:
+    root = sysconfig.get_paths()["stdlib"]
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_DIRS and not d.startswith("."))
+        for fname in sorted(filenames):
+            if not fname.endswith(".py"):
+                continue
+            path = os.path.join(dirpath, fname)
+            try:
+                if os.path.getsize(path) > _MAX_SOURCE_BYTES:
+                    continue
+                with open(path, encoding="utf-8") as f:
+                    tree = ast.parse(f.read(), filename=path)
+            except (OSError, SyntaxError, UnicodeDecodeError, ValueError):
+                continue  # unreadable or not Python 3.x source (e.g. lib2to3 test data)
+            text = "\n\n".join(_docstrings(tree))
+            if text:
+                yield text
+
+
+def _docstrings(node: ast.AST) -> Iterator[str]:
+    """Module, class and function docstrings in source order (ast.walk's order is breadth-first)."""
+    if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+        doc = ast.get_docstring(node, clean=True)
+        if doc and len(doc) >= 20:  # "Return x." style one-liners add little
+            yield doc
+    for child in ast.iter_child_nodes(node):
+        yield from _docstrings(child)
+
+
+# --- local files --------------------------------------------------------------------------------
+
+_SUFFIXES = (".txt", ".jsonl", ".txt.gz", ".jsonl.gz")
+
+
+def local_files(source: str) -> List[str]:
+    """Expand a file, directory, glob or comma-separated list into a sorted list of files."""
+    files: List[str] = []
+    for part in [p.strip() for p in source.split(",") if p.strip()]:
+        part = os.path.expanduser(part)
+        if os.path.isdir(part):
+            found = [os.path.join(dp, f) for dp, _, fs in os.walk(part) for f in fs if f.endswith(_SUFFIXES)]
+        elif any(c in part for c in "*?["):
+            found = glob.glob(part, recursive=True)
+        elif os.path.isfile(part):
+            found = [part]
+        else:
+            raise ValueError(
+                f"data.source={source!r}: {part!r} is not 'stdlib', 'hf:NAME', a file, a directory or a glob"
+            )
+        files.extend(sorted(found))
+    if not files:
+        raise ValueError(f"data.source={source!r} matches no files (expected {', '.join(_SUFFIXES)})")
+    return files
+
+
+def _open_text(path: str) -> io.TextIOBase:
+    if path.endswith(".gz"):
+        return gzip.open(path, "rt", encoding="utf-8", errors="replace")
+    return open(path, encoding="utf-8", errors="replace")
+
+
+def _file_documents(files: List[str], text_field: str) -> Iterator[str]:
+    for path in files:
+        name = path[:-3] if path.endswith(".gz") else path
+        if name.endswith(".jsonl") or name.endswith(".json"):
+            yield from _jsonl_documents(path, text_field)
+        else:
+            yield from _txt_documents(path)
+
+
+def _jsonl_documents(path: str, text_field: str) -> Iterator[str]:
+    with _open_text(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{lineno}: not JSON ({err.msg})") from None
+            if not isinstance(row, dict) or text_field not in row:
+                keys = sorted(row) if isinstance(row, dict) else type(row).__name__
+                raise ValueError(f"{path}:{lineno}: no field data.text_field={text_field!r} (found {keys})")
+            text = row[text_field]
+            if isinstance(text, str):
+                yield text
+
+
+def _txt_documents(path: str) -> Iterator[str]:
+    """Blank-line-separated paragraphs are documents (very long ones are cut at a line)."""
+    lines: List[str] = []
+    size = 0
+    with _open_text(path) as f:
+        for line in f:
+            if line.strip():
+                lines.append(line)
+                size += len(line)
+                if size < _MAX_TXT_DOC_CHARS:
+                    continue
+            if lines:
+                yield "".join(lines).strip()
+                lines, size = [], 0
+    if lines:
+        yield "".join(lines).strip()
+
+
+# --- Hugging Face datasets ----------------------------------------------------------------------
+
+
+def _hf_documents(cfg) -> Iterator[str]:
+    import datasets
+
+    name = cfg.source[len("hf:"):]
+    kwargs: Dict[str, Any] = {"split": cfg.hf_split, "streaming": True}  # never hold the corpus
+    if cfg.hf_data_files:
+        kwargs["data_files"] = cfg.hf_data_files
+    ds = datasets.load_dataset(name, cfg.hf_config, **kwargs)
+    for row in ds:
+        if cfg.text_field not in row:
+            raise ValueError(
+                f"data.source={cfg.source!r}: rows have no field data.text_field={cfg.text_field!r} "
+                f"(fields: {sorted(row)})"
+            )
+        text = row[cfg.text_field]
+        if isinstance(text, str):
+            yield text

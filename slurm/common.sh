@@ -1,0 +1,322 @@
+# shellcheck shell=bash
+# Shared logic of the scale-hyper sbatch templates. Sourced by them; never run directly.
+#
+# The templates set their user-facing variables first (the "EDIT HERE" block); everything here only
+# fills in what is still unset, so `sbatch --export=ALL,VAR=value` overrides any of it.
+#
+# Functions the templates call:
+#   sh_setup MODE "$@"   defaults, environment, MASTER_ADDR/PORT, containers, the train command.
+#                        MODE: srun (one task per rank) | launcher (one task per node running deepspeed);
+#                        "$@": the template's arguments, appended to the train command (key=value ...)
+#   sh_preflight         optional rank/connectivity check through the same launch path
+#   sh_train             run training as a background step, forward SIGUSR1 to it, requeue if preempted
+# See slurm/README.md for the why of each choice.
+
+sh_log() { echo "[slurm $(date +%H:%M:%S)] $*"; }
+sh_die() { echo "[slurm] ERROR: $*" >&2; exit 2; }
+
+# ---------------------------------------------------------------------------------------------------
+# Defaults. Every one can be overridden from the environment (sbatch --export=ALL,NAME=value).
+# ---------------------------------------------------------------------------------------------------
+sh_defaults() {
+    [[ -n ${SLURM_JOB_ID:-} ]] || sh_die "submit this with sbatch (SLURM_JOB_ID is not set)"
+    : "${CONFIG:=hyperbert-base}"
+    : "${RUN_NAME:=${SLURM_JOB_NAME:-scale-hyper}}"
+    : "${RUNS_DIR:=${SLURM_SUBMIT_DIR:-$PWD}/runs}"
+    : "${DATA_DIR:=}"
+    : "${MLFLOW_TRACKING_URI:=sqlite:///${RUNS_DIR}/mlflow.db}"
+    : "${MLFLOW_EXPERIMENT:=scale-hyper}"
+    : "${CONTAINER:=none}"
+    : "${IMAGE:=}"
+    : "${CONTAINER_MOUNTS:=}"
+    : "${CONTAINER_EXTRA_ARGS:=}"
+    : "${VENV:=}"
+    : "${CPU_TASKS_PER_NODE:=}"
+    : "${DIST_TIMEOUT_MINUTES:=30}"
+    : "${PREFLIGHT:=1}"
+    : "${MAX_REQUEUES:=20}"
+    : "${FINISHED_PATTERN:=training finished}"
+    RUN_DIR=${RUN_DIR:-$RUNS_DIR/$RUN_NAME}
+    export MLFLOW_TRACKING_URI MLFLOW_EXPERIMENT_NAME="$MLFLOW_EXPERIMENT"
+
+    # --- communication (NCCL on GPUs, gloo on CPU) -----------------------------------------------
+    # Report NCCL problems without the INFO flood; set NCCL_DEBUG=INFO once when debugging topology.
+    export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
+    # A failed or timed-out collective aborts the process instead of hanging until the time limit,
+    # so the job ends (and srun --kill-on-bad-exit stops the other ranks). Old and new names.
+    export NCCL_ASYNC_ERROR_HANDLING=${NCCL_ASYNC_ERROR_HANDLING:-1}
+    export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
+    # InfiniBand/RoCE stays on (0). Set NCCL_IB_DISABLE=1 on clusters without an IB fabric, or when
+    # NCCL picks a broken HCA; NCCL then uses TCP sockets.
+    export NCCL_IB_DISABLE=${NCCL_IB_DISABLE:-0}
+    # Which NIC NCCL/gloo use for bootstrap and socket traffic. Unset = NCCL's own choice (it skips lo
+    # and docker*). Set it when nodes have several networks, e.g. NCCL_SOCKET_IFNAME=ib0 or =^lo,docker.
+    # gloo (CPU runs, preflight) has no "^" exclusion syntax: it only inherits a plain interface list.
+    if [[ -n ${NCCL_SOCKET_IFNAME:-} ]]; then
+        export NCCL_SOCKET_IFNAME
+        if [[ -z ${GLOO_SOCKET_IFNAME:-} && $NCCL_SOCKET_IFNAME != ^* ]]; then
+            export GLOO_SOCKET_IFNAME=$NCCL_SOCKET_IFNAME
+        fi
+    fi
+    # A dead or hung rank stops the others after this long (minutes): DeepSpeed's variable and the
+    # trainer's train.dist_timeout_minutes are kept equal.
+    export DEEPSPEED_TIMEOUT=${DEEPSPEED_TIMEOUT:-$DIST_TIMEOUT_MINUTES}
+    # Python tracebacks of all threads on a hard crash (segfault, abort) end up in the job log.
+    export PYTHONFAULTHANDLER=1 PYTHONUNBUFFERED=1
+}
+
+# GPUs per node: GPUS_PER_NODE, else what SLURM allocated (SLURM_GPUS_ON_NODE / --gpus-per-node).
+sh_gpus_per_node() {
+    local g=${GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-${SLURM_GPUS_PER_NODE:-0}}}
+    g=${g##*:}            # "a100:8" -> "8"
+    g=${g%%(*}            # "8(x2)"  -> "8"
+    [[ $g =~ ^[0-9]+$ ]] || g=0
+    echo "$g"
+}
+
+# ---------------------------------------------------------------------------------------------------
+# Everything a step needs: rank layout, master address, container wrapping, the train command.
+# ---------------------------------------------------------------------------------------------------
+sh_setup() {
+    SH_MODE=$1            # srun: one task per rank | launcher: one task per node running deepspeed
+    shift
+    SH_USER_ARGS=("$@")   # the script's own arguments: key=value overrides (and extra CONFIGs)
+    trap sh_on_usr1 USR1  # from now on (a signal during the preflight is honoured after it)
+    sh_defaults
+    if [[ $CONTAINER == none && -n $VENV ]]; then
+        # shellcheck disable=SC1091
+        source "$VENV/bin/activate" || sh_die "cannot activate VENV=$VENV"
+    fi
+
+    GPUS_PER_NODE=$(sh_gpus_per_node)
+    NNODES=${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-1}}
+    if (( GPUS_PER_NODE > 0 )); then
+        PROCS_PER_NODE=$GPUS_PER_NODE          # one rank per GPU
+    else                                        # CPU-only nodes (tests, CPU clusters)
+        PROCS_PER_NODE=${CPU_TASKS_PER_NODE:-${SLURM_NTASKS_PER_NODE:-1}}
+    fi
+    WORLD_SIZE=$(( NNODES * PROCS_PER_NODE ))
+
+    # The first node of the allocation hosts rank 0. Use its NodeAddr from slurm.conf (what the nodes
+    # really reach each other by; equal to the node name on most clusters).
+    local first_node
+    first_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+    if [[ -z ${MASTER_ADDR:-} ]]; then
+        MASTER_ADDR=$(scontrol show node "$first_node" 2>/dev/null \
+            | tr ' ' '\n' | awk -F= '$1 == "NodeAddr" {print $2; exit}')
+        MASTER_ADDR=${MASTER_ADDR:-$first_node}
+    fi
+    # Job-specific port (the trainer's own fallback uses the same formula): two jobs sharing a node
+    # do not collide.
+    MASTER_PORT=${MASTER_PORT:-$(( 29500 + SLURM_JOB_ID % 1000 ))}
+    export MASTER_ADDR MASTER_PORT
+
+    # Threads per rank: the CPUs SLURM gave each task, split among the ranks that task starts.
+    if [[ -z ${OMP_NUM_THREADS:-} ]]; then
+        local cpt=${SLURM_CPUS_PER_TASK:-1}
+        local ranks_per_task=1
+        [[ $SH_MODE == launcher ]] && ranks_per_task=$PROCS_PER_NODE
+        OMP_NUM_THREADS=$(( cpt / ranks_per_task ))
+        (( OMP_NUM_THREADS >= 1 )) || OMP_NUM_THREADS=1
+    fi
+    export OMP_NUM_THREADS
+
+    mkdir -p "$RUN_DIR" || sh_die "cannot create RUN_DIR=$RUN_DIR"
+
+    # --- containers -------------------------------------------------------------------------------
+    # SH_SRUN_CONTAINER: extra srun options (pyxis). SH_EXEC: command prefix on the node (apptainer).
+    # Host paths are mounted at the same path inside the container, so no path changes.
+    SH_SRUN_CONTAINER=()
+    SH_EXEC=()
+    local dirs=("$PWD" "$RUN_DIR") mounts="" d m
+    [[ -n $DATA_DIR ]] && dirs+=("$DATA_DIR")
+    if [[ $MLFLOW_TRACKING_URI == sqlite:///* ]]; then
+        d=$(dirname "${MLFLOW_TRACKING_URI#sqlite://}")
+        mkdir -p "$d"
+        dirs+=("$d")
+    fi
+    for d in "${dirs[@]}"; do   # skip a directory already inside an earlier mount
+        [[ $d == /* ]] || d="$PWD/$d"
+        for m in "${dirs[@]:0:1}"; do [[ $d == "$m"/* ]] && continue 2; done
+        [[ ",$mounts," == *",$d:$d,"* ]] || mounts+="${mounts:+,}$d:$d"
+    done
+    [[ -n $CONTAINER_MOUNTS ]] && mounts+=",$CONTAINER_MOUNTS"
+    local extra=()
+    read -r -a extra <<<"$CONTAINER_EXTRA_ARGS"
+    case $CONTAINER in
+        none) ;;
+        pyxis | enroot)
+            [[ -n $IMAGE ]] || sh_die "CONTAINER=$CONTAINER needs IMAGE (e.g. registry#org/scale-hyper:0.1.0-cu124 or a .sqsh file)"
+            SH_SRUN_CONTAINER=(--container-image="$IMAGE" --container-mounts="$mounts"
+                --container-workdir="$PWD" "${extra[@]}")
+            ;;
+        apptainer | singularity)
+            [[ -n $IMAGE ]] || sh_die "CONTAINER=$CONTAINER needs IMAGE (a .sif file)"
+            SH_EXEC=(apptainer exec --bind "$mounts" --pwd "$PWD")
+            (( GPUS_PER_NODE > 0 )) && SH_EXEC+=(--nv)
+            SH_EXEC+=("${extra[@]}" "$IMAGE")
+            ;;
+        *) sh_die "CONTAINER=$CONTAINER: use none, pyxis or apptainer" ;;
+    esac
+
+    # --- the training command ----------------------------------------------------------------------
+    local configs=()
+    read -r -a configs <<<"$CONFIG"
+    SH_TRAIN_ARGS=(train "${configs[@]}"
+        "train.output_dir=$RUN_DIR"
+        "train.dist_timeout_minutes=$DIST_TIMEOUT_MINUTES"
+        "tracking.uri=$MLFLOW_TRACKING_URI"
+        "tracking.experiment=$MLFLOW_EXPERIMENT"
+        "tracking.run_name=$RUN_NAME")
+    [[ -n $DATA_DIR ]] && SH_TRAIN_ARGS+=("data.output=$DATA_DIR")
+    SH_TRAIN_ARGS+=("${SH_USER_ARGS[@]}")
+
+    # Every task runs under this wrapper. It ignores SIGUSR1 and then execs the real command: the
+    # ignore is inherited by everything below it (deepspeed launcher, apptainer), while the trainer
+    # installs its own SIGUSR1 handler. So when the signal reaches all processes of the step, only the
+    # Python ranks act on it (checkpoint, exit 0) and the launchers wait for them instead of dying.
+    # __NODE_RANK__ in the command becomes this task's SLURM_NODEID.
+    # shellcheck disable=SC2016  # expanded by the task's bash, not here
+    SH_TASK=(bash -c 'trap "" USR1; exec "${@//__NODE_RANK__/$SLURM_NODEID}"' scale-hyper-task)
+
+    sh_log "job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NODELIST:" \
+        "$NNODES node(s) x $PROCS_PER_NODE rank(s) = world $WORLD_SIZE, GPUs/node $GPUS_PER_NODE," \
+        "master $MASTER_ADDR:$MASTER_PORT, container $CONTAINER"
+    sh_log "run dir $RUN_DIR, data ${DATA_DIR:-<config default>}, MLflow $MLFLOW_TRACKING_URI"
+}
+
+# The srun options shared by all steps.
+sh_srun_opts() {
+    local ntasks_per_node=$1
+    SH_SRUN=(srun --nodes="$NNODES" --ntasks-per-node="$ntasks_per_node"
+        --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}"
+        --kill-on-bad-exit=1 "${SH_SRUN_CONTAINER[@]}")
+}
+
+# deepspeed launcher arguments for one node (one srun task per node).
+sh_launcher_cmd() {
+    local port=$1
+    local hostfile="$RUN_DIR/hostfile.$SLURM_JOB_ID"
+    # DeepSpeed hostfile: one "host slots=N" line per node, in SLURM's node order (node rank order).
+    scontrol show hostnames "$SLURM_JOB_NODELIST" | awk -v n="$PROCS_PER_NODE" '{print $1 " slots=" n}' >"$hostfile"
+    SH_LAUNCH=(deepspeed --hostfile "$hostfile" --no_ssh --node_rank=__NODE_RANK__
+        --master_addr "$MASTER_ADDR" --master_port "$port")
+}
+
+# ---------------------------------------------------------------------------------------------------
+# Preflight: every rank prints where it is and joins one gloo all_reduce, through the same launch path
+# as training (catches a wrong MASTER_ADDR, a firewall, a bad rank layout in seconds, not after the
+# distributed timeout). PREFLIGHT=0 skips it. It tests TCP reachability, not NCCL/InfiniBand.
+# ---------------------------------------------------------------------------------------------------
+SH_PREFLIGHT_PY='
+import datetime, os, socket
+env = os.environ
+if "RANK" not in env and "SLURM_PROCID" in env:  # srun mode: the same mapping the trainer does
+    env.update(RANK=env["SLURM_PROCID"], LOCAL_RANK=env.get("SLURM_LOCALID", "0"), WORLD_SIZE=env["SLURM_NTASKS"])
+import torch
+import torch.distributed as dist
+dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))
+total = torch.ones(1)
+dist.all_reduce(total)
+node, rank, world, local = env.get("SLURM_NODEID", "?"), env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"]
+master = env["MASTER_ADDR"] + ":" + env["MASTER_PORT"]
+print(f"scale-hyper preflight: host {socket.gethostname()} node {node} rank {rank}/{world} local {local} "
+      f"master {master} all_reduce {int(total.item())}", flush=True)
+dist.destroy_process_group()
+'
+
+sh_preflight() {
+    local mode=$SH_MODE
+    (( PREFLIGHT )) || return 0
+    local port=$(( MASTER_PORT + 1 ))   # not the training port: no TIME_WAIT surprises
+    local probe="$RUN_DIR/preflight.py"     # on shared storage (and mounted in containers)
+    printf '%s' "$SH_PREFLIGHT_PY" >"$probe"
+    sh_log "preflight: $WORLD_SIZE rank(s) via $mode"
+    if [[ $mode == launcher ]]; then
+        sh_srun_opts 1
+        sh_launcher_cmd "$port"
+        "${SH_SRUN[@]}" "${SH_TASK[@]}" "${SH_EXEC[@]}" "${SH_LAUNCH[@]}" --log_level=warning \
+            --no_python --no_local_rank python3 "$probe" \
+            || sh_die "preflight failed: the ranks could not form a process group (see above)"
+    else
+        sh_srun_opts "$PROCS_PER_NODE"
+        MASTER_PORT=$port "${SH_SRUN[@]}" "${SH_TASK[@]}" "${SH_EXEC[@]}" python3 "$probe" \
+            || sh_die "preflight failed: the ranks could not form a process group (see above)"
+    fi
+}
+
+# ---------------------------------------------------------------------------------------------------
+# Preemption. The templates ask SLURM for `--signal=B:USR1@120`: 120 s before the time limit SLURM
+# sends SIGUSR1 to this batch shell only. The trap below forwards it to the running training step
+# (srun relays it to every process of the step); the trainer checkpoints at the next step boundary
+# and exits 0; then this script requeues the job (`scontrol requeue`), which restarts it under the
+# same job id with train.resume=auto, i.e. from exactly that checkpoint.
+# ---------------------------------------------------------------------------------------------------
+SH_PREEMPTED=0
+SH_STEP_PID=
+sh_on_usr1() {
+    SH_PREEMPTED=1
+    sh_log "SIGUSR1 (time limit near or preemption requested): asking the ranks to checkpoint and exit"
+    if [[ -n $SH_STEP_PID ]]; then
+        kill -USR1 "$SH_STEP_PID" 2>/dev/null || true
+    fi
+}
+
+# Runs "$@" in the background so the trap can fire while it runs (bash defers traps during a
+# foreground command), then waits for it. Sets SH_STEP_RC.
+sh_run_step() {
+    "$@" &
+    SH_STEP_PID=$!
+    while kill -0 "$SH_STEP_PID" 2>/dev/null; do
+        wait "$SH_STEP_PID" || true   # returns early whenever a trapped signal arrives
+    done
+    SH_STEP_RC=0
+    wait "$SH_STEP_PID" || SH_STEP_RC=$?
+    SH_STEP_PID=
+}
+
+sh_job_log() {  # this job's stdout file (the --output pattern, expanded by SLURM)
+    scontrol show job "$SLURM_JOB_ID" 2>/dev/null | tr ' ' '\n' | awk -F= '$1 == "StdOut" {print $2; exit}'
+}
+
+sh_train() {
+    local mode=$SH_MODE
+    if (( SH_PREEMPTED )); then
+        sh_log "signalled before training started: requeueing without training"
+    else
+        local inner
+        if [[ $mode == launcher ]]; then
+            sh_srun_opts 1
+            sh_launcher_cmd "$MASTER_PORT"
+            inner=("${SH_EXEC[@]}" "${SH_LAUNCH[@]}" --module scale_hyper "${SH_TRAIN_ARGS[@]}")
+        else
+            sh_srun_opts "$PROCS_PER_NODE"
+            inner=("${SH_EXEC[@]}" scale-hyper "${SH_TRAIN_ARGS[@]}")
+        fi
+        local log offset=0
+        log=$(sh_job_log)
+        [[ -n $log && -f $log ]] && offset=$(stat -c %s "$log")
+        sh_log "training: ${SH_SRUN[*]} <task wrapper> $(printf '%q ' "${inner[@]}")"
+        sh_run_step "${SH_SRUN[@]}" "${SH_TASK[@]}" "${inner[@]}"
+        sh_log "training step exited with status $SH_STEP_RC"
+        if (( SH_PREEMPTED )) && [[ -n $log && -f $log ]] \
+            && tail -c +$(( offset + 1 )) "$log" | grep -- "$FINISHED_PATTERN" >/dev/null; then
+            sh_log "the run had already finished when the signal came: not requeueing"
+            return 0
+        fi
+        if (( ! SH_PREEMPTED )); then
+            return "$SH_STEP_RC"
+        fi
+        if (( SH_STEP_RC != 0 )); then
+            sh_log "signalled, but training failed (status $SH_STEP_RC): not requeueing"
+            return "$SH_STEP_RC"
+        fi
+    fi
+    if (( ${SLURM_RESTART_COUNT:-0} >= MAX_REQUEUES )); then
+        sh_log "already restarted ${SLURM_RESTART_COUNT} times (MAX_REQUEUES=$MAX_REQUEUES): not requeueing"
+        return 1
+    fi
+    sh_log "checkpoint saved; requeueing job $SLURM_JOB_ID (it resumes from the checkpoint)"
+    scontrol requeue "$SLURM_JOB_ID" || sh_die "scontrol requeue failed (was the job submitted with --requeue?)"
+    return 0
+}
