@@ -146,9 +146,7 @@ def test_auto_classes_load_without_trust_remote_code_after_import(tmp_path):
     cls = AutoModelForSequenceClassification.from_pretrained(tmp_path, num_labels=3)
     assert type(cls) is ScaleHyperForSequenceClassification
     # The encoder of the MLM checkpoint is reused by the classifier.
-    assert torch.equal(
-        cls.model.encoder.hypernet.out.weight, model.model.encoder.hypernet.out.weight
-    )
+    assert torch.equal(cls.model.encoder.hypernet.out.weight, model.model.encoder.hypernet.out.weight)
     ids, mask = sample_inputs()
     with torch.no_grad():
         assert torch.equal(mlm(ids, attention_mask=mask).logits, model(ids, attention_mask=mask).logits)

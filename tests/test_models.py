@@ -177,8 +177,10 @@ def random_mask():
 )
 def test_hyper_mixing_matches_loop_reference(activation, scale, heads, masked):
     torch.manual_seed(0)
-    x, w1, w2 = torch.randn(2, 6, 8, dtype=torch.float64), torch.randn(2, 6, 12, dtype=torch.float64), torch.randn(
-        2, 6, 12, dtype=torch.float64
+    x, w1, w2 = (
+        torch.randn(2, 6, 8, dtype=torch.float64),
+        torch.randn(2, 6, 12, dtype=torch.float64),
+        torch.randn(2, 6, 12, dtype=torch.float64),
     )
     mask = random_mask() if masked else None
     got = hyper_mixing(x, w1, w2, heads, mask, activation=activation, scale=scale)
@@ -216,8 +218,12 @@ def test_hypermixer_mixer_matches_reference(tied):
 
     with torch.no_grad():
         w1 = torch.stack([torch.stack([head_mlp(mixer.w1_net, hyper_in[b, n]) for n in range(6)]) for b in range(2)])
-        w2 = w1 if tied else torch.stack(
-            [torch.stack([head_mlp(mixer.w2_net, hyper_in[b, n]) for n in range(6)]) for b in range(2)]
+        w2 = (
+            w1
+            if tied
+            else torch.stack(
+                [torch.stack([head_mlp(mixer.w2_net, hyper_in[b, n]) for n in range(6)]) for b in range(2)]
+            )
         )
         want = layer_norm_ref(hyper_mixing_ref(x, w1, w2, heads, mask), mixer.norm)
         got = mixer(x, mask)
@@ -262,7 +268,10 @@ def hyla_ref(mixer, x, mask):
             for j in range(tokens):
                 if mask is not None and not mask[b, j]:
                     continue
-                s = [float(q[b, i, h * dh : (h + 1) * dh] @ k[b, j, h * dh : (h + 1) * dh]) / math.sqrt(dh) for h in range(heads)]
+                s = [
+                    float(q[b, i, h * dh : (h + 1) * dh] @ k[b, j, h * dh : (h + 1) * dh]) / math.sqrt(dh)
+                    for h in range(heads)
+                ]
                 rms = math.sqrt(sum(si * si for si in s) / heads + HYLA_EPS)
                 a = [si / rms for si in s]
                 r = torch.relu(sum(a[h] * v[b, j, h * dh : (h + 1) * dh] for h in range(heads)))
@@ -279,8 +288,8 @@ def test_hyla_matches_loop_reference(masked):
     x = torch.randn(2, 6, 8, dtype=torch.float64)
     mask = random_mask() if masked else None
     with torch.no_grad():
-        got = mixer(x, mask)
-    torch.testing.assert_close(got, hyla_ref(mixer, x, mask), rtol=1e-9, atol=1e-9)
+        got, want = mixer(x, mask), hyla_ref(mixer, x, mask)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
 
 
 def test_hyla_chunked_checkpointed_gradients_match_unchunked():
@@ -295,7 +304,7 @@ def test_hyla_chunked_checkpointed_gradients_match_unchunked():
     for mixer in (chunked, whole):
         mixer(x, mask).square().sum().backward()
         grads.append([p.grad for p in mixer.parameters()])
-    for a, b in zip(*grads):
+    for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
@@ -329,6 +338,23 @@ def test_every_mixer_trains(name):
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < 0.6 * losses[0], losses
+
+
+def test_static_hypernetwork_rejects_rotary_only_positions():
+    with pytest.raises(ValueError, match="rotary"):
+        build_model(tiny("hyperbert", hyper_condition="layer", hyper_position="rotary"))
+
+
+def test_hidden_states_and_tuple_outputs():
+    model = build_model(tiny("hyperbert", norm_position="pre"), task="mlm").eval()
+    ids = torch.randint(5, VOCAB, (2, 6))
+    with torch.no_grad():
+        out = model(ids, labels=ids, output_hidden_states=True)
+        loss, logits, hidden = model(ids, labels=ids, output_hidden_states=True, return_dict=False)
+    assert len(out.hidden_states) == 1 + model.config.num_layers  # embeddings + every block
+    torch.testing.assert_close(loss, out.loss)
+    torch.testing.assert_close(logits, out.logits)
+    assert len(hidden) == len(out.hidden_states)
 
 
 def test_pre_and_post_ln_structure():
@@ -448,5 +474,5 @@ def test_parameters_only_used_inside_their_owning_module(name):
         got = (mlm(ids, labels=labels, sparse_logits=True).logits, mlm(ids).logits, cls(ids).logits)
     for h in handles:
         h.remove()
-    for a, b in zip(got, want):
+    for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b)

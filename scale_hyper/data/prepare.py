@@ -31,6 +31,7 @@ import shutil
 import sys
 import tempfile
 from collections import deque
+from concurrent.futures import ProcessPoolExecutor
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Tuple
 
 import numpy as np
@@ -149,20 +150,36 @@ def _encoded(data_cfg, tok) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
     """(ids, lengths) per chunk of documents, in corpus order."""
     chunks = _chunks(sources.iter_documents(data_cfg))
     workers = int(data_cfg.prepare_workers)
+    main_file = getattr(sys.modules.get("__main__"), "__file__", None)
+    if workers > 1 and "fork" not in mp.get_all_start_methods() and main_file and not os.path.exists(main_file):
+        # spawn re-imports __main__ by path; a script read from stdin has none
+        log.info("tokenizing in-process: the main script (%s) cannot be re-imported by worker processes", main_file)
+        workers = 1
     if workers <= 1:
         for c in chunks:
             yield toklib.encode_with(tok, c)
         return
-    # spawn: safe whatever the parent holds (threads, CUDA); workers import only numpy + tokenizers
-    ctx = mp.get_context("spawn")
-    with ctx.Pool(workers, initializer=toklib.init_worker, initargs=(tok.to_str(),)) as pool:
-        pending: deque = deque()
-        for c in chunks:
-            pending.append(pool.apply_async(toklib.encode_chunk, (c,)))
-            if len(pending) >= 2 * workers:  # back-pressure: Pool.imap would read the whole corpus ahead
-                yield pending.popleft().get()
-        while pending:
-            yield pending.popleft().get()
+    # fork where possible: a spawned worker would re-import the scale_hyper package (torch,
+    # transformers: seconds each); the workers only run tokenizers on plain strings.
+    # An executor (not Pool) so that a crashed worker raises instead of being respawned forever.
+    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    env_was = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core; silences the fork warning
+    try:
+        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=toklib.init_worker,
+                                 initargs=(tok.to_str(),)) as pool:
+            pending: deque = deque()
+            for c in chunks:
+                pending.append(pool.submit(toklib.encode_chunk, c))
+                if len(pending) >= 2 * workers:  # back-pressure: never read the corpus far ahead
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+    finally:
+        if env_was is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = env_was
 
 
 def _val_phase(seed: int) -> float:
@@ -215,22 +232,13 @@ def prepare(data_cfg, seed: int = 1234) -> Dict[str, Any]:
     files = toklib.tokenizer_files(tok, model_max_length=seq_len)
     for name, data in files.items():
         storage.write_bytes(storage.join(out, f"{toklib.TOKENIZER_DIR}/{name}"), data, allow_pipe)
-    manifest: Dict[str, Any] = {
-        "format": shardlib.FORMAT,
-        "version": shardlib.VERSION,
-        "config": prepare_config(data_cfg),
-        "source": sources.describe(data_cfg),
-        "seed": seed,
-        "seq_len": seq_len,
-        "vocab_size": vocab,
-        "dtype": dtype,
-        "special_tokens": special,
-        "tokenizer": {"path": toklib.TOKENIZER_DIR, "sha256": toklib.file_hash(files), "vocab_size": vocab},
-        "sequences_per_block": data_cfg.sequences_per_block,
-        "sequences_per_shard": {k: [s["sequences"] for s in v["shards"]] for k, v in splits.items()},
-        "documents": {k: p.documents for k, p in packers.items()},
-        "splits": splits,
-    }
+    manifest = shardlib.make_manifest(
+        config=prepare_config(data_cfg), source=sources.describe(data_cfg), seed=seed, seq_len=seq_len,
+        vocab_size=vocab, dtype=dtype, special=special,
+        tokenizer={"path": toklib.TOKENIZER_DIR, "sha256": toklib.file_hash(files), "vocab_size": vocab},
+        sequences_per_block=data_cfg.sequences_per_block, splits=splits,
+        documents={k: p.documents for k, p in packers.items()},
+    )
     storage.write_bytes(storage.join(out, shardlib.MANIFEST), shardlib.manifest_bytes(manifest), allow_pipe)
     return shardlib.load_manifest(out, allow_pipe)  # type: ignore[return-value]
 

@@ -23,7 +23,7 @@ import io
 import json
 import re
 import tarfile
-from typing import IO, Any, Dict, Iterator, List, Optional
+from typing import IO, Any, Dict, List, Optional
 
 import numpy as np
 
@@ -222,11 +222,49 @@ def validate_manifest(m: Any, where: str = MANIFEST) -> None:
                 raise bad(f"shard {s['name']}: sequences must be a non-negative integer")
 
 
+def make_manifest(*, config: Dict[str, Any], source: Dict[str, Any], seed: int, seq_len: int, vocab_size: int,
+                  dtype: str, special: Dict[str, int], tokenizer: Dict[str, Any], sequences_per_block: int,
+                  splits: Dict[str, Dict[str, Any]], documents: Dict[str, int]) -> Dict[str, Any]:
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "config": config,
+        "source": source,
+        "seed": seed,
+        "seq_len": seq_len,
+        "vocab_size": vocab_size,
+        "dtype": dtype,
+        "special_tokens": special,
+        "tokenizer": tokenizer,
+        "sequences_per_block": sequences_per_block,
+        "sequences_per_shard": {k: [s["sequences"] for s in v["shards"]] for k, v in splits.items()},
+        "documents": documents,
+        "splits": splits,
+    }
+
+
+def write_arrays(output: str, arrays: Dict[str, List[np.ndarray]], vocab_size: int, *,
+                 sequences_per_block: int = 64, special: Optional[Dict[str, int]] = None) -> Dict[str, Any]:
+    """Shards + manifest from ready-made ``[n, seq_len]`` arrays, one per shard (benchmarks and tests)."""
+    special = special or {"pad": 0, "unk": 1, "cls": 2, "sep": 3, "mask": 4}
+    first = next(a for parts in arrays.values() for a in parts)
+    dtype = "uint16" if vocab_size <= 65536 else "uint32"
+    splits = {}
+    for split, parts in arrays.items():
+        entries = [write_shard(storage.join(output, shard_name(split, i)), np.asarray(a, dtype=dtype), split, i,
+                               sequences_per_block, special["pad"]) for i, a in enumerate(parts)]
+        splits[split] = {"sequences": sum(e["sequences"] for e in entries),
+                         "tokens": sum(e["tokens"] for e in entries), "shards": entries}
+    splits.setdefault("val", {"sequences": 0, "tokens": 0, "shards": []})
+    manifest = make_manifest(
+        config={}, source={"source": "arrays"}, seed=0, seq_len=int(first.shape[1]), vocab_size=vocab_size,
+        dtype=dtype, special=special, tokenizer={"path": "tokenizer", "sha256": "", "vocab_size": vocab_size},
+        sequences_per_block=sequences_per_block, splits=splits, documents={k: 0 for k in splits},
+    )
+    storage.write_bytes(storage.join(output, MANIFEST), manifest_bytes(manifest), False)
+    return load_manifest(output)  # type: ignore[return-value]
+
+
 def shard_urls(manifest: Dict[str, Any], split: str) -> List[str]:
     base = manifest["location"]
     return [storage.join(base, s["name"]) for s in manifest["splits"].get(split, {}).get("shards", [])]
-
-
-def iter_blocks(rows: np.ndarray, block: int) -> Iterator[np.ndarray]:
-    for start in range(0, len(rows), block):
-        yield rows[start: start + block]

@@ -112,7 +112,12 @@ class Context:
         model = build_model(run.model, task="mlm")
         if t.activation_checkpointing == "non_reentrant":
             model.set_activation_checkpointing(True)
+        ckpt = checkpoint.resolve_resume(t.resume, t.output_dir, info.world_size)
+        if ckpt is not None:
+            checkpoint.check_world_size(ckpt, info.world_size)
         ds = ds_config.build(run, info.world_size, info.device)
+        if ckpt is not None and checkpoint.read_state(ckpt).get("universal"):
+            ds["checkpoint"] = {"load_universal": True}
         engine, _, _, _ = deepspeed.initialize(
             model=model, model_parameters=param_groups(model, t.weight_decay, t.decay_embeddings), config=ds
         )
@@ -120,9 +125,7 @@ class Context:
         torch.manual_seed(t.seed + 1000 * info.rank)  # dropout differs across ranks
 
         state: Dict[str, Any] = {}
-        ckpt = checkpoint.resolve_resume(t.resume, t.output_dir, info.world_size)
         if ckpt is not None:
-            checkpoint.check_world_size(ckpt, info.world_size)
             state = checkpoint.load(engine, ckpt, info.rank)
             log(info, f"resumed from {ckpt} at step {state['step']}")
         cursor = cls._cursor_for(state, info)
@@ -318,7 +321,7 @@ class Context:
             f"(accuracy {before.get('val_accuracy', float('nan')):.3f} -> {after['val_accuracy']:.3f})",
             f"checkpoint      {ckpt}",
             f"export (HF)     {export_dir or 'disabled (train.export=false)'}",
-            f"MLflow run      {self.tracker.run_id or 'tracking disabled'}  ({self.run.tracking.uri})",
+            f"MLflow run      {self.tracker.run_id or 'tracking disabled'}  ({getattr(self.tracker, 'display_uri', '')})",
             f"MLflow UI       {self.tracker.ui_hint}" if self.tracker.run_id else "",
         ]
         return "\n".join(line for line in lines if line is not None)

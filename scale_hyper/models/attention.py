@@ -71,4 +71,3 @@ class CrossAttention(nn.Module):
         k, v = self.kv(memory).view(b, m, 2, self.heads, hd).permute(2, 0, 3, 1, 4)
         y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
         return self.out(y.transpose(1, 2).reshape(b, n, d))
-

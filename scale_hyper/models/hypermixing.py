@@ -54,4 +54,3 @@ def hyper_mixing(
         hidden = F.gelu(hidden)
     y = torch.einsum("bnhp,bhpc->bnhc", w2h, hidden)
     return y.reshape(b, n, d)
-

@@ -74,6 +74,12 @@ class HyperNetwork(nn.Module):
         self.cross = cfg.hyper_decoder == "cross"
         self.position_kind = cfg.hyper_position
         self.tied = cfg.tied_weights
+        if not self.uses_hidden and self.position_kind == "rotary":
+            # Every token would enter as the same E_layer[l]; attention over identical tokens
+            # returns identical rows, so all tokens would get the same generated weights.
+            raise ValueError(
+                "model.hyper_condition='layer' needs an additive position (hyper_position=learned|sinusoidal), not rotary"
+            )
 
         self.input_norm = (
             nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps) if self.uses_hidden and cfg.hyper_input_norm else None

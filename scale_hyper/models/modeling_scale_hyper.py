@@ -49,7 +49,7 @@ class ScaleHyperPreTrainedModel(PreTrainedModel):
             init.zeros_(module.bias)
 
     # --- conventions the training engine relies on ---
-    def _backbone(self) -> "ScaleHyperModel":
+    def _backbone(self) -> ScaleHyperModel:
         return self if isinstance(self, ScaleHyperModel) else self.model
 
     def shared_modules(self) -> list[nn.Module]:
@@ -110,7 +110,9 @@ class ScaleHyperModel(ScaleHyperPreTrainedModel):
     ) -> BaseModelOutput | tuple:
         """attention_mask [B, N]: 1 = real token, 0 = pad. Passing None for an unpadded batch lets
         BERT use the flash kernel."""
-        output_hidden_states = self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        output_hidden_states = (
+            self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        )
         return_dict = self.config.return_dict if return_dict is None else return_dict
         mask = attention_mask.bool() if attention_mask is not None else None
         x = self.embeddings(input_ids, token_type_ids)
