@@ -143,7 +143,7 @@ if (( restart )); then
 fi
 if ! pid_alive /run/slurmctld.pid; then
     log "starting slurmctld"
-    # -i: ignore state saved by an earlier, differently shaped cluster (old jobs, old nodes).
+    # -i: start even when state saved by an earlier, differently shaped cluster cannot be read back.
     slurmctld -i || die "slurmctld did not start (see ${LOG_DIR}/slurmctld.log)"
 fi
 for i in $(seq "$NODES"); do

@@ -36,6 +36,8 @@ def _params(args: argparse.Namespace) -> int:
     base = report["baseline_components"]
     print(f"{'component':<14}{run.model.mixer:>14}{'bert':>14}")
     for name, count in report["components"].items():
+        if name == "total":
+            continue
         print(f"{name:<14}{count:>14,}{base.get(name, 0):>14,}")
     print(f"{'total':<14}{report['total_params']:>14,}{report['baseline_params']:>14,}")
     print(f"delta vs bert of the same geometry: {report['delta_params']:+,} ({report['delta_pct']:+.2f} %)")

@@ -128,16 +128,17 @@ sh_setup() {
     # Host paths are mounted at the same path inside the container, so no path changes.
     SH_SRUN_CONTAINER=()
     SH_EXEC=()
-    local dirs=("$PWD" "$RUN_DIR") mounts="" d m
+    local dirs=("$PWD" "$RUN_DIR") mounts="" d
     [[ -n $DATA_DIR ]] && dirs+=("$DATA_DIR")
     if [[ $MLFLOW_TRACKING_URI == sqlite:///* ]]; then
-        d=$(dirname "${MLFLOW_TRACKING_URI#sqlite://}")
+        d=${MLFLOW_TRACKING_URI#sqlite:///}   # sqlite:////abs/x.db -> /abs/x.db; sqlite:///x.db -> x.db
+        d=$(dirname "$d")
         mkdir -p "$d"
         dirs+=("$d")
     fi
-    for d in "${dirs[@]}"; do   # skip a directory already inside an earlier mount
+    for d in "${dirs[@]}"; do
         [[ $d == /* ]] || d="$PWD/$d"
-        for m in "${dirs[@]:0:1}"; do [[ $d == "$m"/* ]] && continue 2; done
+        [[ $d == "$PWD"/* ]] && continue      # already visible through the submit directory
         [[ ",$mounts," == *",$d:$d,"* ]] || mounts+="${mounts:+,}$d:$d"
     done
     [[ -n $CONTAINER_MOUNTS ]] && mounts+=",$CONTAINER_MOUNTS"

@@ -14,7 +14,7 @@ def _batch(b=256, s=128, seed=0):
     ids = rng.integers(5, V, size=(b, s)).astype(np.uint16)
     ids[:, 0] = 2  # [CLS]
     ids[:, s // 2] = 3  # [SEP]
-    ids[:8, s * 3 // 4:] = 0  # padding at the end of a few rows
+    ids[:8, s * 3 // 4 :] = 0  # padding at the end of a few rows
     return ids, np.arange(b, dtype=np.int64)
 
 
@@ -44,7 +44,7 @@ def test_masks_depend_on_sequence_identity_not_batching():
     m = Masker(V, SPECIAL, MASK)
     key = stream_key(7, 3)
     whole = m(ids, uids, key)
-    halves = [m(ids[i:i + 16], uids[i:i + 16], key) for i in range(0, 64, 16)]
+    halves = [m(ids[i : i + 16], uids[i : i + 16], key) for i in range(0, 64, 16)]
     for k in ("input_ids", "labels"):
         assert np.array_equal(whole[k], np.concatenate([h[k] for h in halves]))
     again = m(ids, uids, key)

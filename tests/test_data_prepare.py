@@ -28,16 +28,27 @@ def prepared(tmp_path_factory):
 
 
 def _files(root):
-    return {os.path.relpath(p, root): open(p, "rb").read()
-            for p in glob.glob(os.path.join(root, "**", "*"), recursive=True) if os.path.isfile(p)}
+    return {
+        os.path.relpath(p, root): open(p, "rb").read()
+        for p in glob.glob(os.path.join(root, "**", "*"), recursive=True)
+        if os.path.isfile(p)
+    }
 
 
 def _rows(manifest, split="train"):
     loc = manifest["location"]
-    return [shardlib.read_shard(os.path.join(loc, s["name"]), name=s["name"], dtype=manifest["dtype"],
-                                seq_len=manifest["seq_len"], sequences=s["sequences"],
-                                vocab_size=manifest["vocab_size"], sequences_per_block=manifest["sequences_per_block"])
-            for s in manifest["splits"][split]["shards"]]
+    return [
+        shardlib.read_shard(
+            os.path.join(loc, s["name"]),
+            name=s["name"],
+            dtype=manifest["dtype"],
+            seq_len=manifest["seq_len"],
+            sequences=s["sequences"],
+            vocab_size=manifest["vocab_size"],
+            sequences_per_block=manifest["sequences_per_block"],
+        )
+        for s in manifest["splits"][split]["shards"]
+    ]
 
 
 def test_manifest_and_packing(prepared):
@@ -110,13 +121,17 @@ def test_tokenizer_directory_loads_offline(prepared):
     assert isinstance(load_tokenizer(m), PreTrainedTokenizerFast)
     import hashlib
 
-    assert hashlib.sha256(open(os.path.join(tok_dir, "tokenizer.json"), "rb").read()).hexdigest() == m["tokenizer"]["sha256"]
+    assert (
+        hashlib.sha256(open(os.path.join(tok_dir, "tokenizer.json"), "rb").read()).hexdigest()
+        == m["tokenizer"]["sha256"]
+    )
 
 
 def test_existing_tokenizer_is_reused(prepared, tmp_path):
     cfg, m = prepared
-    other = dataclasses.replace(cfg, output=str(tmp_path / "reuse"), tokenizer=os.path.join(m["location"], "tokenizer"),
-                                max_documents=30)
+    other = dataclasses.replace(
+        cfg, output=str(tmp_path / "reuse"), tokenizer=os.path.join(m["location"], "tokenizer"), max_documents=30
+    )
     m2 = ensure_prepared(other, seed=5)
     assert m2["tokenizer"]["sha256"] == m["tokenizer"]["sha256"]
     with pytest.raises(ValueError, match=r"data\.vocab_size"):  # 512 real tokens do not fit a 256 target
@@ -158,7 +173,9 @@ def test_txt_source_and_bad_source(tmp_path):
     from scale_hyper.data.sources import iter_documents
 
     assert list(iter_documents(_cfg(tmp_path / "o", source=str(tmp_path / "a.txt")))) == [
-        "First paragraph about functions and classes.", "Second one."]
+        "First paragraph about functions and classes.",
+        "Second one.",
+    ]
     with pytest.raises(ValueError, match=r"data\.source="):
         ensure_prepared(_cfg(tmp_path / "o", source=str(tmp_path / "missing.txt")))
 
@@ -167,3 +184,18 @@ def test_token_dtype_for_large_vocabularies():
     from scale_hyper.data.tokenizer import token_dtype
 
     assert token_dtype(65536) == "uint16" and token_dtype(65537) == "uint32"
+
+
+def test_cli_entry_points(prepared, capsys):
+    from scale_hyper.config import load_config
+    from scale_hyper.data import bench, prepare
+
+    cfg, m = prepared
+    run = load_config([f"data.{k}={v}" for k, v in dataclasses.asdict(cfg).items() if v is not None])
+    assert prepare.main(run) == 0
+    out = capsys.readouterr().out
+    assert "16 train shards" in out and m["location"] in out
+    bad = load_config([f"data.output={m['location']}", "data.seq_len=32", "data.vocab_size=512"])
+    assert prepare.main(bad) == 2 and "data.seq_len" in capsys.readouterr().err
+    r = bench.measure(cfg, seq_len=128, micro_batch_size=32, seconds=0.3)
+    assert r["loader_tokens_per_s"] > 0 and r["masking_tokens_per_s"] > 0

@@ -7,6 +7,7 @@ The public API (what the trainer uses)::
     loader = train_loader(cfg.data, manifest, seed=..., rank=r, world_size=w, micro_batch_size=b, state=None)
     vl = val_loader(cfg.data, manifest, rank=r, world_size=w, micro_batch_size=b, max_batches=n)
     tok = load_tokenizer(manifest)
+    state = resplit_cursor(saved_cursors, rank=r, world_size=w)  # cursors are rank-independent
 
 Imports are lazy so that prepare's spawned tokenizer workers (which import
 ``scale_hyper.data.tokenizer``) do not pay for torch and webdataset.
@@ -22,6 +23,7 @@ _EXPORTS = {
     "prepare": "scale_hyper.data.prepare",
     "train_loader": "scale_hyper.data.loader",
     "val_loader": "scale_hyper.data.loader",
+    "resplit_cursor": "scale_hyper.data.loader",
     "TrainLoader": "scale_hyper.data.loader",
     "ValLoader": "scale_hyper.data.loader",
     "load_tokenizer": "scale_hyper.data.tokenizer",

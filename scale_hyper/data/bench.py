@@ -48,7 +48,11 @@ def measure(data_cfg, seq_len: int, micro_batch_size: int, seconds: float = 3.0)
         loader_tps = tokens / (time.perf_counter() - start)
 
         masker = Masker(data_cfg.vocab_size, range(5), 4, data_cfg.mask_prob)
-        ids = np.random.default_rng(1).integers(5, data_cfg.vocab_size, size=(micro_batch_size, seq_len)).astype(np.uint16)
+        ids = (
+            np.random.default_rng(1)
+            .integers(5, data_cfg.vocab_size, size=(micro_batch_size, seq_len))
+            .astype(np.uint16)
+        )
         uids = np.arange(micro_batch_size, dtype=np.int64)
         key, reps, start = stream_key(0, 0), 0, time.perf_counter()
         while time.perf_counter() - start < seconds / 3:

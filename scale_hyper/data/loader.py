@@ -38,6 +38,11 @@ to the new R × W slots. At most one partially read shard per old slot is read a
 the count); nothing is skipped; later epochs are laid out normally. A cursor from a different seed
 or different data is rejected.
 
+Shuffling is exact-resume friendly by construction (global shuffle at prepare time, per-epoch shard
+order, per-epoch full permutation inside each shard), so no sample buffer is kept and
+``data.shuffle_buffer`` is not used. Keep one active iterator per TrainLoader: each ``iter()``
+starts from the current cursor.
+
 Corrupt shards (unreadable, truncated, wrong count) are logged and, with ``data.on_corrupt=skip``,
 replaced in place by the next readable shard in manifest order (its rows repeated to the same
 count), so batch counts stay equal on every rank; ``fail`` raises. Token ids outside the
@@ -51,7 +56,7 @@ import hashlib
 import logging
 import warnings
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -103,7 +108,7 @@ def data_fingerprint(manifest: Dict[str, Any], split: str = "train") -> str:
 
 
 def _rng(*key: int) -> np.random.Generator:
-    return np.random.default_rng([int(k) & 0xFFFFFFFF for k in key])
+    return np.random.default_rng([int(k) % (1 << 64) for k in key])
 
 
 def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
@@ -123,7 +128,7 @@ def plan_slots(order: Sequence[int], counts: Sequence[int], slots: int) -> Tuple
         for k in range(slots):
             s = order[r * slots + k]
             segs[k].append((s, 0, counts[s]))
-    tail = order[rounds * slots:]
+    tail = order[rounds * slots :]
     total = sum(counts[s] for s in tail)
     starts = np.cumsum([0] + [counts[s] for s in tail])
     for k in range(slots):
@@ -149,7 +154,7 @@ class _Planner:
 
     def __init__(self, spec: _Spec):
         self.spec = spec
-        self._cache: "OrderedDict[Tuple[int, int], _EpochPlan]" = OrderedDict()
+        self._cache: OrderedDict[Tuple[int, int], _EpochPlan] = OrderedDict()
 
     def plan(self, epoch: int, skip: int) -> _EpochPlan:
         key = (epoch, skip)
@@ -171,7 +176,7 @@ class _ShardReader:
 
     def __init__(self, spec: _Spec, cache_size: int = 3):
         self.spec = spec
-        self.cache: "OrderedDict[Tuple[int, int], Tuple[np.ndarray, np.ndarray]]" = OrderedDict()
+        self.cache: OrderedDict[Tuple[int, int], Tuple[np.ndarray, np.ndarray]] = OrderedDict()
         self.cache_size = cache_size
         self.bad: Dict[int, str] = {}
         self.corrupt_skipped = 0
@@ -179,8 +184,14 @@ class _ShardReader:
     def _read(self, s: int) -> np.ndarray:
         sp = self.spec
         return shardlib.read_shard(
-            sp.urls[s], name=sp.names[s], dtype=sp.dtype, seq_len=sp.seq_len, sequences=sp.counts[s],
-            vocab_size=sp.vocab_size, sequences_per_block=sp.sequences_per_block, allow_pipe=sp.allow_pipe,
+            sp.urls[s],
+            name=sp.names[s],
+            dtype=sp.dtype,
+            seq_len=sp.seq_len,
+            sequences=sp.counts[s],
+            vocab_size=sp.vocab_size,
+            sequences_per_block=sp.sequences_per_block,
+            allow_pipe=sp.allow_pipe,
         )
 
     def _read_or_substitute(self, s: int) -> Tuple[np.ndarray, np.ndarray]:
@@ -202,7 +213,9 @@ class _ShardReader:
                 continue
             uids = sp.bases[t] + np.arange(len(rows), dtype=np.int64)
             if t != s:
-                log.warning("shard %s is replaced by repeats of %s to keep batch counts equal", sp.names[s], sp.names[t])
+                log.warning(
+                    "shard %s is replaced by repeats of %s to keep batch counts equal", sp.names[s], sp.names[t]
+                )
                 take = np.arange(sp.counts[s]) % max(1, len(rows))
                 rows, uids = rows[take], uids[take]
             return rows, uids
@@ -261,8 +274,9 @@ class _TrainStream(torch.utils.data.IterableDataset):
             epoch, skip = epoch + 1, 0
 
 
-def _make_batch(sp: _Spec, plan: _EpochPlan, reader: _ShardReader, masker: Masker, key: int,
-                epoch: int, slot: int, j: int) -> Dict[str, torch.Tensor]:
+def _make_batch(
+    sp: _Spec, plan: _EpochPlan, reader: _ShardReader, masker: Masker, key: int, epoch: int, slot: int, j: int
+) -> Dict[str, torch.Tensor]:
     segs, starts = plan.segments[slot], plan.seg_starts[slot]
     lo, hi = j * sp.batch, (j + 1) * sp.batch
     rows_parts, uid_parts = [], []
@@ -272,8 +286,8 @@ def _make_batch(sp: _Spec, plan: _EpochPlan, reader: _ShardReader, masker: Maske
         off = lo - starts[i]
         n = min(hi - lo, (b - a) - off)
         rows, uids = reader.get(epoch, shard)
-        rows_parts.append(rows[a + off: a + off + n])
-        uid_parts.append(uids[a + off: a + off + n])
+        rows_parts.append(rows[a + off : a + off + n])
+        uid_parts.append(uids[a + off : a + off + n])
         lo += n
         i += 1
     ids = rows_parts[0] if len(rows_parts) == 1 else np.concatenate(rows_parts)
@@ -296,8 +310,9 @@ def _worker_init(_worker_id: int) -> None:
 class TrainLoader:
     """Infinite iterator of training batches for one rank; ``state_dict()`` is the resume cursor."""
 
-    def __init__(self, spec: _Spec, cursor: Cursor, num_workers: int, multiprocessing_context=None,
-                 prefetch_factor: int = 4):
+    def __init__(
+        self, spec: _Spec, cursor: Cursor, num_workers: int, multiprocessing_context=None, prefetch_factor: int = 4
+    ):
         self.spec = spec
         self.cursor = cursor
         self.num_workers = num_workers
@@ -334,8 +349,12 @@ class TrainLoader:
             it = iter(stream)
         else:
             dl = torch.utils.data.DataLoader(
-                stream, batch_size=None, num_workers=self.num_workers, persistent_workers=True,
-                prefetch_factor=self.prefetch_factor, worker_init_fn=_worker_init,
+                stream,
+                batch_size=None,
+                num_workers=self.num_workers,
+                persistent_workers=True,
+                prefetch_factor=self.prefetch_factor,
+                worker_init_fn=_worker_init,
                 multiprocessing_context=self.multiprocessing_context,
             )
             it = iter(dl)
@@ -384,25 +403,51 @@ def _resplit(state: Dict[str, Any], spec: _Spec) -> Cursor:
     log.warning(
         "data cursor saved with world_size=%d, num_workers=%d, micro_batch_size=%d; resuming with %d, %d, %d: "
         "epoch %d restarts after its first %d shards; %d sequences already seen this epoch are read again",
-        old_r, old_w, old_b, spec.world_size, spec.workers, spec.batch, epoch, new_skip, max(0, seen - finished),
+        old_r,
+        old_w,
+        old_b,
+        spec.world_size,
+        spec.workers,
+        spec.batch,
+        epoch,
+        new_skip,
+        max(0, seen - finished),
     )
-    return Cursor(epoch=epoch, skip_shards=new_skip, batches_in_epoch=0,
-                  batches=int(state.get("batches", 0)), sequences=int(state.get("sequences", 0)))
+    return Cursor(
+        epoch=epoch,
+        skip_shards=new_skip,
+        batches_in_epoch=0,
+        batches=int(state.get("batches", 0)),
+        sequences=int(state.get("sequences", 0)),
+    )
 
 
-def _spec(data_cfg, manifest: Dict[str, Any], split: str, seed: int, rank: int, world_size: int,
-          workers: int, batch: int) -> _Spec:
+def _spec(
+    data_cfg, manifest: Dict[str, Any], split: str, seed: int, rank: int, world_size: int, workers: int, batch: int
+) -> _Spec:
     shards = manifest["splits"].get(split, {}).get("shards", [])
     counts = tuple(int(s["sequences"]) for s in shards)
     bases = tuple(int(b) for b in np.cumsum((0,) + counts)[:-1])
     if data_cfg.on_corrupt not in ("skip", "fail"):
         raise ValueError(f"data.on_corrupt={data_cfg.on_corrupt!r} must be 'skip' or 'fail'")
     return _Spec(
-        urls=tuple(shardlib.shard_urls(manifest, split)), names=tuple(s["name"] for s in shards), counts=counts,
-        bases=bases, dtype=manifest["dtype"], seq_len=int(manifest["seq_len"]), vocab_size=int(manifest["vocab_size"]),
-        sequences_per_block=int(manifest["sequences_per_block"]), special=dict(manifest["special_tokens"]),
-        mask_prob=float(data_cfg.mask_prob), on_corrupt=data_cfg.on_corrupt, allow_pipe=bool(data_cfg.allow_pipe),
-        seed=int(seed), rank=int(rank), world_size=int(world_size), workers=max(1, int(workers)), batch=int(batch),
+        urls=tuple(shardlib.shard_urls(manifest, split)),
+        names=tuple(s["name"] for s in shards),
+        counts=counts,
+        bases=bases,
+        dtype=manifest["dtype"],
+        seq_len=int(manifest["seq_len"]),
+        vocab_size=int(manifest["vocab_size"]),
+        sequences_per_block=int(manifest["sequences_per_block"]),
+        special=dict(manifest["special_tokens"]),
+        mask_prob=float(data_cfg.mask_prob),
+        on_corrupt=data_cfg.on_corrupt,
+        allow_pipe=bool(data_cfg.allow_pipe),
+        seed=int(seed),
+        rank=int(rank),
+        world_size=int(world_size),
+        workers=max(1, int(workers)),
+        batch=int(batch),
         fingerprint=data_fingerprint(manifest, split) if shards else "",
     )
 
@@ -433,9 +478,16 @@ def _check_world(rank: int, world_size: int, micro_batch_size: int) -> None:
             )
 
 
-def train_loader(data_cfg, manifest: Dict[str, Any], seed: int, rank: int, world_size: int,
-                 micro_batch_size: int, state: Optional[Dict[str, Any]] = None,
-                 multiprocessing_context=None) -> TrainLoader:
+def train_loader(
+    data_cfg,
+    manifest: Dict[str, Any],
+    seed: int,
+    rank: int,
+    world_size: int,
+    micro_batch_size: int,
+    state: Optional[Dict[str, Any]] = None,
+    multiprocessing_context=None,
+) -> TrainLoader:
     """The training batches of one rank; see the module docstring for layout and resume rules."""
     _check_world(rank, world_size, micro_batch_size)
     manifest = _with_location(data_cfg, manifest)
@@ -463,6 +515,21 @@ def train_loader(data_cfg, manifest: Dict[str, Any], seed: int, rank: int, world
     return TrainLoader(spec, cursor, workers, multiprocessing_context=multiprocessing_context)
 
 
+def resplit_cursor(cursors: Sequence[Optional[Dict[str, Any]]], rank: int, world_size: int) -> Dict[str, Any]:
+    """The cursor to resume ``rank`` of ``world_size`` from the cursors all ranks saved.
+
+    Cursors are rank-independent (ranks move in lock-step), so any saved one serves every rank; a
+    different world size is re-split by ``train_loader(state=...)`` itself (module docstring).
+    """
+    saved = [c for c in cursors if c]
+    if not saved:
+        raise ValueError("no data cursor was saved in the checkpoint")
+    first = saved[0]
+    if any(c != first for c in saved[1:]):
+        raise ValueError("the saved data cursors disagree across ranks; the checkpoint's ranks were not in lock-step")
+    return dict(first)
+
+
 def _cursor_from_state(state: Dict[str, Any], spec: _Spec) -> Cursor:
     if not isinstance(state, dict) or state.get("version") != CURSOR_VERSION:
         raise ValueError(f"not a data-loader cursor (version {CURSOR_VERSION}): {state!r:.120}")
@@ -479,7 +546,9 @@ def _cursor_from_state(state: Dict[str, Any], spec: _Spec) -> Cursor:
     # 0 and 1 workers are the same layout: one logical worker per rank
     old = (int(state["world_size"]), max(1, int(state["num_workers"])), int(state["micro_batch_size"]))
     if old == (spec.world_size, spec.workers, spec.batch):
-        return Cursor(**{k: int(state[k]) for k in ("epoch", "skip_shards", "batches_in_epoch", "batches", "sequences")})
+        return Cursor(
+            **{k: int(state[k]) for k in ("epoch", "skip_shards", "batches_in_epoch", "batches", "sequences")}
+        )
     return _resplit(state, spec)
 
 
@@ -526,13 +595,13 @@ class ValLoader:
             rows.append(r)
             uids.append(u)
             have += len(r)
-        ids = np.concatenate(rows)[:need][sp.rank::sp.world_size]
-        gid = np.concatenate(uids)[:need][sp.rank::sp.world_size]
+        ids = np.concatenate(rows)[:need][sp.rank :: sp.world_size]
+        gid = np.concatenate(uids)[:need][sp.rank :: sp.world_size]
         masker = Masker(sp.vocab_size, sp.special.values(), sp.special["mask"], sp.mask_prob)
         key = stream_key(_VAL_SEED, 0, salt=1)
         out = []
         for j in range(self.num_batches):
-            b_ids, b_uid = ids[j * sp.batch:(j + 1) * sp.batch], gid[j * sp.batch:(j + 1) * sp.batch]
+            b_ids, b_uid = ids[j * sp.batch : (j + 1) * sp.batch], gid[j * sp.batch : (j + 1) * sp.batch]
             out.append(_to_batch(masker(b_ids, b_uid, key), b_ids, sp.special["pad"]))
         return out
 
@@ -543,8 +612,14 @@ class ValLoader:
         return iter([{k: v.clone() for k, v in b.items()} for b in self._batches])
 
 
-def val_loader(data_cfg, manifest: Dict[str, Any], rank: int, world_size: int, micro_batch_size: int,
-               max_batches: Optional[int] = None) -> ValLoader:
+def val_loader(
+    data_cfg,
+    manifest: Dict[str, Any],
+    rank: int,
+    world_size: int,
+    micro_batch_size: int,
+    max_batches: Optional[int] = None,
+) -> ValLoader:
     """The validation batches of one rank (finite, deterministic, re-iterable; ``len()`` works)."""
     _check_world(rank, world_size, micro_batch_size)
     manifest = _with_location(data_cfg, manifest)

@@ -40,8 +40,15 @@ def stream_key(seed: int, epoch: int, salt: int = 0) -> int:
 
 
 class Masker:
-    def __init__(self, vocab_size: int, special_ids: Iterable[int], mask_id: int, mask_prob: float = 0.15,
-                 replace_prob: float = 0.8, random_prob: float = 0.1):
+    def __init__(
+        self,
+        vocab_size: int,
+        special_ids: Iterable[int],
+        mask_id: int,
+        mask_prob: float = 0.15,
+        replace_prob: float = 0.8,
+        random_prob: float = 0.1,
+    ):
         if not 0.0 <= mask_prob <= 1.0:
             raise ValueError(f"data.mask_prob={mask_prob} must be in [0, 1]")
         self.vocab_size, self.mask_id = vocab_size, mask_id

@@ -45,9 +45,20 @@ log = logging.getLogger("scale_hyper.data")
 
 # DataConfig keys that change what prepare writes; a manifest must agree on all of them.
 PREPARE_KEYS = (
-    "source", "hf_config", "hf_split", "hf_data_files", "text_field", "max_documents", "tokenizer",
-    "tokenizer_train_chars", "vocab_size", "seq_len", "sequences_per_block", "sequences_per_shard",
-    "min_shards", "val_fraction",
+    "source",
+    "hf_config",
+    "hf_split",
+    "hf_data_files",
+    "text_field",
+    "max_documents",
+    "tokenizer",
+    "tokenizer_train_chars",
+    "vocab_size",
+    "seq_len",
+    "sequences_per_block",
+    "sequences_per_shard",
+    "min_shards",
+    "val_fraction",
 )
 _CHUNK_CHARS = 256_000  # text per tokenizer task: large enough to amortise IPC, small enough to stream
 
@@ -80,11 +91,19 @@ def ensure_prepared(data_cfg, seed: int = 1234) -> Dict[str, Any]:
         return prepare(data_cfg, seed)
     _check_matches(existing, data_cfg)
     if existing.get("seed") != seed:
-        log.info("reusing %s (split and shuffled with seed %s; this run's seed %s only affects the loader)",
-                 data_cfg.output, existing.get("seed"), seed)
+        log.info(
+            "reusing %s (split and shuffled with seed %s; this run's seed %s only affects the loader)",
+            data_cfg.output,
+            existing.get("seed"),
+            seed,
+        )
     if storage.is_local(data_cfg.output):
-        missing = [s["name"] for split in existing["splits"].values() for s in split["shards"]
-                   if not os.path.exists(storage.join(data_cfg.output, s["name"]))]
+        missing = [
+            s["name"]
+            for split in existing["splits"].values()
+            for s in split["shards"]
+            if not os.path.exists(storage.join(data_cfg.output, s["name"]))
+        ]
         if missing:
             raise ValueError(
                 f"data.output={data_cfg.output!r} is incomplete: {len(missing)} shard(s) listed in its manifest "
@@ -166,8 +185,9 @@ def _encoded(data_cfg, tok) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
     env_was = os.environ.get("TOKENIZERS_PARALLELISM")
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core; silences the fork warning
     try:
-        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=toklib.init_worker,
-                                 initargs=(tok.to_str(),)) as pool:
+        with ProcessPoolExecutor(
+            workers, mp_context=ctx, initializer=toklib.init_worker, initargs=(tok.to_str(),)
+        ) as pool:
             pending: deque = deque()
             for c in chunks:
                 pending.append(pool.submit(toklib.encode_chunk, c))
@@ -208,8 +228,11 @@ def prepare(data_cfg, seed: int = 1234) -> Dict[str, Any]:
     dtype = toklib.token_dtype(vocab)
     seq_len = data_cfg.seq_len
 
-    tmp = (os.path.join(storage.local_path(out), ".prepare-tmp") if storage.is_local(out)
-           else tempfile.mkdtemp(prefix="scale-hyper-prepare-"))
+    tmp = (
+        os.path.join(storage.local_path(out), ".prepare-tmp")
+        if storage.is_local(out)
+        else tempfile.mkdtemp(prefix="scale-hyper-prepare-")
+    )
     os.makedirs(tmp, exist_ok=True)
     try:
         spills = {split: os.path.join(tmp, f"{split}.bin") for split in ("train", "val")}
@@ -233,10 +256,16 @@ def prepare(data_cfg, seed: int = 1234) -> Dict[str, Any]:
     for name, data in files.items():
         storage.write_bytes(storage.join(out, f"{toklib.TOKENIZER_DIR}/{name}"), data, allow_pipe)
     manifest = shardlib.make_manifest(
-        config=prepare_config(data_cfg), source=sources.describe(data_cfg), seed=seed, seq_len=seq_len,
-        vocab_size=vocab, dtype=dtype, special=special,
+        config=prepare_config(data_cfg),
+        source=sources.describe(data_cfg),
+        seed=seed,
+        seq_len=seq_len,
+        vocab_size=vocab,
+        dtype=dtype,
+        special=special,
         tokenizer={"path": toklib.TOKENIZER_DIR, "sha256": toklib.file_hash(files), "vocab_size": vocab},
-        sequences_per_block=data_cfg.sequences_per_block, splits=splits,
+        sequences_per_block=data_cfg.sequences_per_block,
+        splits=splits,
         documents={k: p.documents for k, p in packers.items()},
     )
     storage.write_bytes(storage.join(out, shardlib.MANIFEST), shardlib.manifest_bytes(manifest), allow_pipe)
@@ -254,7 +283,7 @@ def _tokenize_and_pack(data_cfg, tok, packers: Dict[str, shardlib.Packer], seed:
             i = doc_index + j
             is_val = frac > 0 and math.floor((i + 1) * frac + phase) > math.floor(i * frac + phase)
             if lengths[j]:
-                batch["val" if is_val else "train"].append(ids[offsets[j]:offsets[j + 1]])
+                batch["val" if is_val else "train"].append(ids[offsets[j] : offsets[j + 1]])
         doc_index += len(lengths)
         for split, docs in batch.items():
             packers[split].add(docs)
@@ -264,8 +293,9 @@ def _tokenize_and_pack(data_cfg, tok, packers: Dict[str, shardlib.Packer], seed:
     progress.close()
 
 
-def _write_split(data_cfg, spill: str, packer: shardlib.Packer, split: str, dtype: str, pad_id: int,
-                 shuffle_seed) -> Dict[str, Any]:
+def _write_split(
+    data_cfg, spill: str, packer: shardlib.Packer, split: str, dtype: str, pad_id: int, shuffle_seed
+) -> Dict[str, Any]:
     n = packer.sequences
     if n == 0:
         return {"sequences": 0, "tokens": 0, "shards": []}
@@ -273,17 +303,20 @@ def _write_split(data_cfg, spill: str, packer: shardlib.Packer, split: str, dtyp
     if split == "train":
         n_shards = max(n_shards, min(data_cfg.min_shards, n))
     rows_all = np.memmap(spill, dtype=dtype, mode="r", shape=(n, data_cfg.seq_len))
-    order = np.random.default_rng([shuffle_seed & 0xFFFFFFFF, 0x5AD]).permutation(n) if shuffle_seed is not None else None
+    order = (
+        np.random.default_rng([shuffle_seed & 0xFFFFFFFF, 0x5AD]).permutation(n) if shuffle_seed is not None else None
+    )
     entries, start = [], 0
     for index, size in enumerate(shardlib.even_sizes(n, n_shards)):
         if order is None:
-            rows = np.asarray(rows_all[start:start + size])
+            rows = np.asarray(rows_all[start : start + size])
         else:
-            rows = rows_all[np.sort(order[start:start + size])]  # sorted: sequential reads of the spill
+            rows = rows_all[np.sort(order[start : start + size])]  # sorted: sequential reads of the spill
         start += size
         url = storage.join(data_cfg.output, shardlib.shard_name(split, index))
-        entries.append(shardlib.write_shard(url, rows, split, index, data_cfg.sequences_per_block, pad_id,
-                                            data_cfg.allow_pipe))
+        entries.append(
+            shardlib.write_shard(url, rows, split, index, data_cfg.sequences_per_block, pad_id, data_cfg.allow_pipe)
+        )
     del rows_all
     return {"sequences": n, "tokens": sum(e["tokens"] for e in entries), "shards": entries}
 

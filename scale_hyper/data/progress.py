@@ -16,8 +16,9 @@ def is_rank0() -> bool:
 
 
 class Progress:
-    def __init__(self, label: str, stream: Optional[IO[str]] = None, enabled: Optional[bool] = None,
-                 log_every_s: float = 10.0):
+    def __init__(
+        self, label: str, stream: Optional[IO[str]] = None, enabled: Optional[bool] = None, log_every_s: float = 10.0
+    ):
         self.label = label
         self.stream = stream or sys.stderr
         self.enabled = is_rank0() if enabled is None else enabled
@@ -37,8 +38,10 @@ class Progress:
 
     def _emit(self, final: bool) -> None:
         dt = max(time.monotonic() - self.start, 1e-9)
-        msg = (f"{self.label}: {self.docs:,} documents, {self.tokens:,} tokens "
-               f"({self.tokens / dt / 1e3:,.0f}k tokens/s, {dt:.0f}s)")
+        msg = (
+            f"{self.label}: {self.docs:,} documents, {self.tokens:,} tokens "
+            f"({self.tokens / dt / 1e3:,.0f}k tokens/s, {dt:.0f}s)"
+        )
         if self.tty:
             self.stream.write("\r" + msg + ("\n" if final else ""))
         else:

@@ -68,13 +68,13 @@ class Packer:
             self.out.write(rows.tobytes())
             self.sequences += n
             self.tokens += n * self.seq_len
-        self.carry = stream[n * width:].copy()
+        self.carry = stream[n * width :].copy()
 
     def finish(self) -> None:
         if len(self.carry):
             row = np.full(self.seq_len, self.pad_id, dtype=self.dtype)
             row[0] = self.cls_id
-            row[1: 1 + len(self.carry)] = self.carry
+            row[1 : 1 + len(self.carry)] = self.carry
             self.out.write(row.tobytes())
             self.sequences += 1
             self.tokens += 1 + len(self.carry)
@@ -91,8 +91,9 @@ def npy_bytes(block: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def write_shard(url: str, rows: np.ndarray, split: str, index: int, sequences_per_block: int,
-                pad_id: int, allow_pipe: bool = False) -> Dict[str, Any]:
+def write_shard(
+    url: str, rows: np.ndarray, split: str, index: int, sequences_per_block: int, pad_id: int, allow_pipe: bool = False
+) -> Dict[str, Any]:
     """Write one shard; returns its manifest entry (name, sequences, tokens, bytes, sha256)."""
     from webdataset import TarWriter
 
@@ -101,7 +102,7 @@ def write_shard(url: str, rows: np.ndarray, split: str, index: int, sequences_pe
         # mtime=0 and fixed user/group/mode: the same rows give the same bytes on every machine.
         with TarWriter(hw, encoder=False, mtime=0, user="scale-hyper", group="scale-hyper", mode=0o444) as tw:
             for b, start in enumerate(range(0, len(rows), sequences_per_block)):
-                block = rows[start: start + sequences_per_block]
+                block = rows[start : start + sequences_per_block]
                 tw.write({"__key__": f"{split}-{index:06d}-{b:06d}", "npy": npy_bytes(block)})
     return {
         "name": shard_name(split, index),
@@ -118,8 +119,17 @@ def even_sizes(total: int, parts: int) -> List[int]:
     return [base + (1 if i < extra else 0) for i in range(parts)]
 
 
-def read_shard(url: str, *, name: str, dtype: str, seq_len: int, sequences: int, vocab_size: int,
-               sequences_per_block: int, allow_pipe: bool = False) -> np.ndarray:
+def read_shard(
+    url: str,
+    *,
+    name: str,
+    dtype: str,
+    seq_len: int,
+    sequences: int,
+    vocab_size: int,
+    sequences_per_block: int,
+    allow_pipe: bool = False,
+) -> np.ndarray:
     """All sequences of one shard as a ``[sequences, seq_len]`` array.
 
     Raises CorruptShardError for anything unreadable or inconsistent with the manifest entry, and a
@@ -180,7 +190,9 @@ def load_manifest(output: str, allow_pipe: bool = False) -> Optional[Dict[str, A
     try:
         manifest = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{storage.join(output, MANIFEST)} is not valid JSON ({err}); delete {output} and re-prepare") from None
+        raise ValueError(
+            f"{storage.join(output, MANIFEST)} is not valid JSON ({err}); delete {output} and re-prepare"
+        ) from None
     validate_manifest(manifest, where=storage.join(output, MANIFEST))
     manifest["location"] = storage.local_path(output) if storage.is_local(output) else output
     manifest["allow_pipe"] = bool(allow_pipe)
@@ -222,9 +234,20 @@ def validate_manifest(m: Any, where: str = MANIFEST) -> None:
                 raise bad(f"shard {s['name']}: sequences must be a non-negative integer")
 
 
-def make_manifest(*, config: Dict[str, Any], source: Dict[str, Any], seed: int, seq_len: int, vocab_size: int,
-                  dtype: str, special: Dict[str, int], tokenizer: Dict[str, Any], sequences_per_block: int,
-                  splits: Dict[str, Dict[str, Any]], documents: Dict[str, int]) -> Dict[str, Any]:
+def make_manifest(
+    *,
+    config: Dict[str, Any],
+    source: Dict[str, Any],
+    seed: int,
+    seq_len: int,
+    vocab_size: int,
+    dtype: str,
+    special: Dict[str, int],
+    tokenizer: Dict[str, Any],
+    sequences_per_block: int,
+    splits: Dict[str, Dict[str, Any]],
+    documents: Dict[str, int],
+) -> Dict[str, Any]:
     return {
         "format": FORMAT,
         "version": VERSION,
@@ -243,23 +266,49 @@ def make_manifest(*, config: Dict[str, Any], source: Dict[str, Any], seed: int, 
     }
 
 
-def write_arrays(output: str, arrays: Dict[str, List[np.ndarray]], vocab_size: int, *,
-                 sequences_per_block: int = 64, special: Optional[Dict[str, int]] = None) -> Dict[str, Any]:
+def write_arrays(
+    output: str,
+    arrays: Dict[str, List[np.ndarray]],
+    vocab_size: int,
+    *,
+    sequences_per_block: int = 64,
+    special: Optional[Dict[str, int]] = None,
+) -> Dict[str, Any]:
     """Shards + manifest from ready-made ``[n, seq_len]`` arrays, one per shard (benchmarks and tests)."""
     special = special or {"pad": 0, "unk": 1, "cls": 2, "sep": 3, "mask": 4}
     first = next(a for parts in arrays.values() for a in parts)
     dtype = "uint16" if vocab_size <= 65536 else "uint32"
     splits = {}
     for split, parts in arrays.items():
-        entries = [write_shard(storage.join(output, shard_name(split, i)), np.asarray(a, dtype=dtype), split, i,
-                               sequences_per_block, special["pad"]) for i, a in enumerate(parts)]
-        splits[split] = {"sequences": sum(e["sequences"] for e in entries),
-                         "tokens": sum(e["tokens"] for e in entries), "shards": entries}
+        entries = [
+            write_shard(
+                storage.join(output, shard_name(split, i)),
+                np.asarray(a, dtype=dtype),
+                split,
+                i,
+                sequences_per_block,
+                special["pad"],
+            )
+            for i, a in enumerate(parts)
+        ]
+        splits[split] = {
+            "sequences": sum(e["sequences"] for e in entries),
+            "tokens": sum(e["tokens"] for e in entries),
+            "shards": entries,
+        }
     splits.setdefault("val", {"sequences": 0, "tokens": 0, "shards": []})
     manifest = make_manifest(
-        config={}, source={"source": "arrays"}, seed=0, seq_len=int(first.shape[1]), vocab_size=vocab_size,
-        dtype=dtype, special=special, tokenizer={"path": "tokenizer", "sha256": "", "vocab_size": vocab_size},
-        sequences_per_block=sequences_per_block, splits=splits, documents={k: 0 for k in splits},
+        config={},
+        source={"source": "arrays"},
+        seed=0,
+        seq_len=int(first.shape[1]),
+        vocab_size=vocab_size,
+        dtype=dtype,
+        special=special,
+        tokenizer={"path": "tokenizer", "sha256": "", "vocab_size": vocab_size},
+        sequences_per_block=sequences_per_block,
+        splits=splits,
+        documents={k: 0 for k in splits},
     )
     storage.write_bytes(storage.join(output, MANIFEST), manifest_bytes(manifest), False)
     return load_manifest(output)  # type: ignore[return-value]

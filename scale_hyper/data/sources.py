@@ -57,8 +57,9 @@ def describe(cfg) -> Dict[str, Any]:
     if cfg.source == "stdlib":
         out["python"] = sys.version.split()[0]  # the stdlib corpus follows the Python version
     elif cfg.source.startswith("hf:"):
-        out.update(hf_config=cfg.hf_config, hf_split=cfg.hf_split, hf_data_files=cfg.hf_data_files,
-                   text_field=cfg.text_field)
+        out.update(
+            hf_config=cfg.hf_config, hf_split=cfg.hf_split, hf_data_files=cfg.hf_data_files, text_field=cfg.text_field
+        )
     else:
         out["files"] = [[os.path.basename(p), os.path.getsize(p)] for p in local_files(cfg.source)]
         out["text_field"] = cfg.text_field
@@ -241,7 +242,7 @@ def _txt_documents(path: str) -> Iterator[str]:
 def _hf_documents(cfg) -> Iterator[str]:
     import datasets
 
-    name = cfg.source[len("hf:"):]
+    name = cfg.source[len("hf:") :]
     kwargs: Dict[str, Any] = {"split": cfg.hf_split, "streaming": True}  # never hold the corpus
     if cfg.hf_data_files:
         kwargs["data_files"] = cfg.hf_data_files

@@ -16,6 +16,8 @@ config sets ``data.allow_pipe=true``.
 from __future__ import annotations
 
 import hashlib
+import importlib
+import logging
 import os
 import re
 from contextlib import contextmanager
@@ -24,6 +26,8 @@ from urllib.parse import urlparse
 from urllib.request import url2pathname
 
 # One optional directory level ("tokenizer/tokenizer.json"); no "..", no scheme, no spaces.
+log = logging.getLogger("scale_hyper.data")
+
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
 
 
@@ -68,15 +72,16 @@ def _gopen_s3(url: str, mode: str = "rb", bufsize: int = 8192, **_kw):
     from webdataset.gopen import Pipe
 
     if mode[0] == "r":
-        return Pipe(["aws", "s3", "cp", "--only-show-errors", url, "-"], mode=mode, bufsize=bufsize, ignore_status=[141])
+        return Pipe(
+            ["aws", "s3", "cp", "--only-show-errors", url, "-"], mode=mode, bufsize=bufsize, ignore_status=[141]
+        )
     if mode[0] == "w":
         return Pipe(["aws", "s3", "cp", "--only-show-errors", "-", url], mode=mode, bufsize=bufsize)
     raise ValueError(f"{mode}: unknown mode")
 
 
 def _gopen(url: str, mode: str):
-    from webdataset import gopen as wds_gopen
-
+    wds_gopen = importlib.import_module("webdataset.gopen")  # the package re-exports a function of that name
     wds_gopen.gopen_schemes.setdefault("s3", _gopen_s3)
     return wds_gopen.gopen(url, mode)
 
@@ -127,7 +132,8 @@ def read_optional(url: str, allow_pipe: bool) -> Optional[bytes]:
         return read_bytes(url, allow_pipe)
     try:
         data = read_bytes(url, allow_pipe)
-    except Exception:  # curl/aws report a missing object as a failed command
+    except OSError as err:  # curl/aws/cat report a missing object as a failed command
+        log.warning("treating %s as absent: %s", url, err)
         return None
     return data or None
 

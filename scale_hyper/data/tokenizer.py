@@ -6,10 +6,9 @@ Saved as ``<data.output>/tokenizer/`` holding ``tokenizer.json``, ``tokenizer_co
 ``BertTokenizer(vocab_file=...)`` silently builds a broken all-[UNK] tokenizer, so we never go
 through a vocab file.)
 
-Training is made reproducible: ``tokenizers`` assigns ids to the initial alphabet in hash-map
-order, so the same corpus gives the same token *set* with shuffled ids. We renumber: the five
-specials first (``[PAD]=0 [UNK]=1 [CLS]=2 [SEP]=3 [MASK]=4``), then every other token sorted.
-WordPiece matches strings greedily, so ids carry no meaning and renumbering changes nothing else.
+Training is made reproducible (see ``train_wordpiece``), and the vocabulary is renumbered
+canonically: the five specials first (``[PAD]=0 [UNK]=1 [CLS]=2 [SEP]=3 [MASK]=4``), then every
+other token sorted. WordPiece matches strings greedily, so ids carry no meaning beyond identity.
 
 This module must stay light to import: prepare's spawned tokenizer workers import it.
 """
@@ -19,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections import Counter
 from typing import Dict, Iterable, Iterator, List, Optional, Tuple
 
 import numpy as np
@@ -37,32 +37,39 @@ def _bert_pipeline(tok: Tokenizer) -> Tokenizer:
 
 
 def train_wordpiece(texts: Iterable[str], vocab_size: int) -> Tokenizer:
-    """A BERT-style (uncased) WordPiece vocabulary of at most ``vocab_size`` tokens."""
-    texts = list(texts) if not isinstance(texts, list) else texts
+    """A BERT-style (uncased) WordPiece vocabulary of at most ``vocab_size`` tokens, reproducibly.
+
+    ``tokenizers`` numbers the "##x" continuation characters in hash-map order, and merges with
+    equal counts are ordered by those ids, so two runs can pick different tokens at the vocabulary
+    cut-off. We fix every initial id up front: the alphabet (the most frequent characters, ties by
+    code point) is passed as ``initial_alphabet`` and its "##x" forms as extra special tokens, which
+    the trainer numbers first, in our order. Merges are then tie-broken identically on every run.
+    """
+    texts = texts if isinstance(texts, list) else list(texts)
     if not texts:
         raise ValueError("cannot train a tokenizer: data.source produced no text")
-    limit_alphabet = max(32, min(1000, vocab_size // 4))
-    while True:
-        tok = _bert_pipeline(Tokenizer(models.WordPiece(unk_token="[UNK]", max_input_chars_per_word=100)))
-        trainer = trainers.WordPieceTrainer(
-            vocab_size=vocab_size,
-            min_frequency=2,
-            special_tokens=list(SPECIAL_TOKENS),
-            limit_alphabet=limit_alphabet,
-            continuing_subword_prefix="##",
-            show_progress=False,
-        )
-        tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
-        # A huge alphabet (each character twice: "x" and "##x") can overshoot a small target.
-        if tok.get_vocab_size() <= vocab_size or limit_alphabet <= 32:
-            break
-        limit_alphabet //= 2
+    tok = _bert_pipeline(Tokenizer(models.WordPiece(unk_token="[UNK]", max_input_chars_per_word=100)))
+    counts: Counter = Counter()
+    for t in texts:
+        counts.update(tok.normalizer.normalize_str(t))  # type: ignore[union-attr]
+    for ch in [c for c in counts if c.isspace()]:
+        del counts[ch]  # whitespace only separates words
+    room = (vocab_size - len(SPECIAL_TOKENS)) // 2 - 1  # each character takes two entries: "x" and "##x"
+    limit = max(1, min(1000, vocab_size // 4, room))
+    alphabet = sorted(sorted(counts, key=lambda c: (-counts[c], c))[:limit])
+    trainer = trainers.WordPieceTrainer(
+        vocab_size=vocab_size,
+        min_frequency=2,
+        special_tokens=list(SPECIAL_TOKENS) + ["##" + c for c in alphabet],
+        initial_alphabet=alphabet,
+        limit_alphabet=len(alphabet),
+        continuing_subword_prefix="##",
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
     tok = canonicalize(tok)
     if tok.get_vocab_size() > vocab_size:
-        raise ValueError(
-            f"the corpus' alphabet alone needs {tok.get_vocab_size()} tokens > data.vocab_size={vocab_size}; "
-            "raise data.vocab_size"
-        )
+        raise ValueError(f"trained {tok.get_vocab_size()} tokens > data.vocab_size={vocab_size}; raise data.vocab_size")
     return tok
 
 
@@ -104,8 +111,8 @@ def load_tokenizer_dir(path: str) -> Tokenizer:
 
 
 def special_ids(tok: Tokenizer, origin: str = "tokenizer") -> Dict[str, int]:
-    ids = {k: tok.token_to_id(t) for k, t in zip(SPECIAL_KEYS, SPECIAL_TOKENS)}
-    missing = [t for k, t in zip(SPECIAL_KEYS, SPECIAL_TOKENS) if ids[k] is None]
+    ids = {k: tok.token_to_id(t) for k, t in zip(SPECIAL_KEYS, SPECIAL_TOKENS, strict=False)}
+    missing = [t for k, t in zip(SPECIAL_KEYS, SPECIAL_TOKENS, strict=False) if ids[k] is None]
     if missing:
         raise ValueError(f"{origin} lacks the special tokens {missing} (a BERT-style vocabulary is needed)")
     return ids  # type: ignore[return-value]
@@ -113,9 +120,7 @@ def special_ids(tok: Tokenizer, origin: str = "tokenizer") -> Dict[str, int]:
 
 def tokenizer_files(tok: Tokenizer, model_max_length: int) -> Dict[str, bytes]:
     """The files of a Hugging Face tokenizer directory, written without importing transformers."""
-    specials = dict(
-        unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]"
-    )
+    specials = dict(unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
     config = dict(
         specials,
         tokenizer_class="PreTrainedTokenizerFast",
@@ -193,8 +198,7 @@ def load_tokenizer(source):
         if storage.read_optional(storage.join(base, "manifest.json"), allow_pipe) is None:
             if not source.tokenizer:
                 raise ValueError(
-                    f"no prepared data at data.output={base!r} and no data.tokenizer; "
-                    "run `scale-hyper prepare` first"
+                    f"no prepared data at data.output={base!r} and no data.tokenizer; run `scale-hyper prepare` first"
                 )
             tok = load_tokenizer_dir(source.tokenizer)
             tmp = tempfile.mkdtemp(prefix="scale-hyper-tok-")
