@@ -308,7 +308,9 @@ def test_s3_output_through_the_aws_cli(tmp_path, monkeypatch):
     assert ensure_prepared(cfg, seed=0)["splits"] == manifest["splits"]  # found through s3 this time
     local = DataConfig(output=f"file://{tmp_path / 's3' / 'bucket' / 'run1'}", **small)
     a = _take(train_loader(cfg, manifest, seed=0, rank=0, world_size=1, micro_batch_size=8), 4)
-    b = _take(train_loader(local, shardlib.load_manifest(local.output), seed=0, rank=0, world_size=1, micro_batch_size=8), 4)
+    b = _take(
+        train_loader(local, shardlib.load_manifest(local.output), seed=0, rank=0, world_size=1, micro_batch_size=8), 4
+    )
     assert _same(a, b)
     assert load_tokenizer(manifest).mask_token_id == 4
 

@@ -356,6 +356,9 @@ class TrainLoader:
                 prefetch_factor=self.prefetch_factor,
                 worker_init_fn=_worker_init,
                 multiprocessing_context=self.multiprocessing_context,
+                # Its own generator: the base seed it draws must not consume the global torch RNG,
+                # which drives dropout and is restored exactly on resume.
+                generator=torch.Generator().manual_seed(self.spec.seed),
             )
             it = iter(dl)
         try:
