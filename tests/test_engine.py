@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from launch import free_port, run_ranks, scale_hyper, start_ranks
 
 pytestmark = pytest.mark.slow

@@ -5,7 +5,6 @@ import json
 import sys
 
 import pytest
-
 from launch import REPO, run_ranks
 
 pytestmark = pytest.mark.slow

@@ -93,7 +93,7 @@ class Context:
 
     # ---------------------------------------------------------------- setup
     @classmethod
-    def build(cls, run: RunConfig, info: DistInfo) -> "Context":
+    def build(cls, run: RunConfig, info: DistInfo) -> Context:
         import deepspeed
 
         from scale_hyper.data import check_vocab, ensure_prepared, train_loader, val_loader

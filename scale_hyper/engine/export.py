@@ -26,12 +26,12 @@ def run_config_of(ckpt: Path) -> RunConfig:
 
 def consolidated_state_dict(ckpt: Path) -> Dict[str, torch.Tensor]:
     """Full fp32 weights from any ZeRO stage (DeepSpeed's zero_to_fp32 for stages 1–3)."""
-    if list(ckpt.glob("*optim_states.pt")) and not list(ckpt.glob("mp_rank_*_optim_states.pt")):
+    if list(ckpt.glob("zero_pp_rank_*optim_states.pt")):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         return get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
     # ZeRO-0: the whole module is in the model-states file.
-    states = torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    states = torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)
     return {k: v.float() for k, v in states["module"].items()}
 
 

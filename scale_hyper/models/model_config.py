@@ -47,7 +47,7 @@ class ModelConfig:
     # --- hyla ---
     hyla_chunk: int = 128  # queries per chunk: bounds memory at O(chunk·N·d/H)
 
-    def validate(self) -> "ModelConfig":
+    def validate(self) -> ModelConfig:
         """Fail early, naming the field and the valid choices."""
         choices = {
             "mixer": MIXERS,
@@ -87,6 +87,6 @@ class ModelConfig:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
     @classmethod
-    def from_dict(cls, values: dict) -> "ModelConfig":
+    def from_dict(cls, values: dict) -> ModelConfig:
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in names})
