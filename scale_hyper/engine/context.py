@@ -130,7 +130,7 @@ class Context:
             log(info, f"resumed from {ckpt} at step {state['step']}")
         cursor = cls._cursor_for(state, info)
 
-        precision = "bf16" if "bf16" in ds and ds["bf16"].get("enabled") else "fp16" if ds.get("fp16", {}).get("enabled") else "fp32"
+        precision = ds_config.precision_of(ds)
         extra = {
             "world_size": info.world_size,
             "git_commit": _git_commit(),

@@ -156,3 +156,11 @@ def _check_batch(ds: Dict[str, Any], world_size: int) -> None:
 
 def zero_stage(ds: Dict[str, Any]) -> int:
     return int(ds.get("zero_optimization", {}).get("stage", 0))
+
+
+def precision_of(ds: Dict[str, Any]) -> str:
+    """The precision a (possibly user-supplied) DeepSpeed config trains in."""
+    for name in ("bf16", "fp16"):
+        if ds.get(name, {}).get("enabled"):
+            return name
+    return "fp32"
