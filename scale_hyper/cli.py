@@ -77,6 +77,35 @@ def _bench(args: argparse.Namespace) -> int:
     return bench.main(run)
 
 
+def _eval(args: argparse.Namespace) -> int:
+    from scale_hyper.evaluation import mlm
+
+    return mlm.main(args.model, args.configs)
+
+
+def _glue(args: argparse.Namespace) -> int:
+    from scale_hyper.evaluation import glue
+
+    tasks = [a for a in args.configs if a in glue.TASKS]
+    configs = [a for a in args.configs if a not in glue.TASKS]
+    return glue.main(args.model, tasks, configs, args.out, args.small_task_epochs, args.max_train)
+
+
+def _transplant(args: argparse.Namespace) -> int:
+    from scale_hyper.evaluation import transplant
+
+    if args.configs:
+        print("scale-hyper: transplant takes the source's own config; extra arguments ignored", file=sys.stderr)
+    return transplant.main(args.source, args.layers, args.out, args.embeddings, args.order, args.seed)
+
+
+def _report(args: argparse.Namespace) -> int:
+    from scale_hyper.evaluation import report
+
+    refs = [a for a in args.refs if "=" not in a]
+    return report.main(refs, [a for a in args.refs if "=" in a], args.out)
+
+
 def _with_configs(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("configs", nargs="*", metavar="CONFIG|key=value", help="presets, YAML/JSON files, overrides")
     return p
@@ -109,6 +138,40 @@ def build_parser() -> argparse.ArgumentParser:
     p = verb("bench", _bench, "benchmarks that print figures")
     p.add_argument("what", choices=["data", "train"])
     _with_configs(p)
+    p = verb("eval", _eval, "MLM loss, perplexity and accuracy on validation shards")
+    p.add_argument("model", help="checkpoint (runs/x/checkpoints/step_N), run output_dir, or Hugging Face directory")
+    _with_configs(p)
+    p = verb("glue", _glue, "fine-tune and score GLUE tasks (median over seeds, best lr)")
+    p.add_argument("model", help="checkpoint, run output_dir, or Hugging Face directory (ours or a stock BERT)")
+    p.add_argument(
+        "configs",
+        nargs="*",
+        metavar="TASK|CONFIG|key=value",
+        help="tasks (default eval.glue_tasks), configs, overrides",
+    )
+    p.add_argument("--out", default=None, help="results directory (default glue_results/MODEL)")
+    p.add_argument("--small-task-epochs", type=int, default=10, help="epochs for rte/mrpc/stsb (0: eval.epochs)")
+    p.add_argument("--max-train", type=int, default=0, help="use only the first N training examples (smoke runs)")
+    p = verb("transplant", _transplant, "build a deeper model from a trained one at a fixed mixing-parameter budget")
+    p.add_argument("source", help="checkpoint, run output_dir, or our Hugging Face export")
+    p.add_argument("--layers", type=int, required=True, help="depth of the new model")
+    p.add_argument("--out", default=None, help="output Hugging Face directory")
+    p.add_argument(
+        "--embeddings",
+        choices=["cycle", "interpolate", "fresh"],
+        default="cycle",
+        help="hyperbert: new layer embeddings",
+    )
+    p.add_argument(
+        "--order", choices=["cycle", "stretch"], default="cycle", help="layer i <- trained layer i mod L | i*L//N"
+    )
+    p.add_argument("--seed", type=int, default=0)
+    _with_configs(p)
+    p = verb("report", _report, "plots and a table from MLflow runs")
+    p.add_argument(
+        "refs", nargs="+", metavar="RUN_ID|EXPERIMENT|key=value", help="runs or experiments; tracking.uri=..."
+    )
+    p.add_argument("--out", default=None, help="output directory (default ./report)")
     return parser
 
 
@@ -127,4 +190,3 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ConfigError as err:
         print(f"scale-hyper: config error: {err}", file=sys.stderr)
         return 2
-

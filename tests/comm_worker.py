@@ -1,14 +1,15 @@
 """One rank of the ZeRO-3 communication-volume measurement (launched twice by tests/test_bench.py, or
 by hand: see docs/benchmarks.md, "ZeRO-3 communication").
 
-For each geometry it trains a fresh model with pure ZeRO-3 (`param_persistence_threshold=0`, so
-nothing is kept gathered by size) twice: with the shared hypernetwork kept resident
+For each geometry and each `stage3_max_reuse_distance` (0 and DeepSpeed's default) it trains a
+fresh model with pure ZeRO-3 (`param_persistence_threshold=0`, so nothing is kept gathered by
+size) twice: with the shared hypernetwork kept resident
 (`residency.keep_resident`) and partitioned like every other weight. It counts the bytes DeepSpeed
 all-gathers, reduce-scatters and all-reduces per step in steady state: step 0 is excluded, because
 DeepSpeed records its parameter trace during the first step and releases everything then.
 Rank 0 writes the results as JSON to the path given as the first argument.
 
-usage: python tests/comm_worker.py OUT.json [tiny|mini ...]   (RANK/WORLD_SIZE/MASTER_* set per rank)
+usage: python tests/comm_worker.py OUT.json [tiny|mini ...] [reuse=0 reuse=-1]   (RANK/WORLD_SIZE/MASTER_* set per rank)
 """
 
 from __future__ import annotations
@@ -30,6 +31,9 @@ from scale_hyper.models import build_model
 STEPS, MICRO, SEQ = 4, 4, 128
 # hyperbert-tiny as is; "mini" = hyperbert-mini's encoder and hypernetwork with a 4,096-word vocabulary,
 # so that the (equally gathered) embedding matrix does not swamp the figures on 2 CPU cores.
+# stage3_max_reuse_distance: 0 = release every weight right after use and gather it again at its next
+# use (what a model much larger than the reuse window sees); -1 = DeepSpeed's default (1e9).
+REUSE = (0, -1)
 GEOMETRIES = {"tiny": ["hyperbert-tiny"], "mini": ["hyperbert-mini", "model.vocab_size=4096"]}
 
 
@@ -43,7 +47,7 @@ def batch(step: int, rank: int, vocab: int):
     return {"input_ids": ids.masked_fill(pick, 4), "attention_mask": torch.ones_like(ids), "labels": labels}
 
 
-def run_variant(geometry: str, resident: bool, rank: int, world: int) -> dict:
+def run_variant(geometry: str, resident: bool, reuse: int, rank: int, world: int) -> dict:
     run = load_config(
         GEOMETRIES[geometry] + [
             "model.dropout=0.0", "deepspeed.precision=fp32", "deepspeed.zero_stage=3",
@@ -58,6 +62,8 @@ def run_variant(geometry: str, resident: bool, rank: int, world: int) -> dict:
     import deepspeed
 
     ds = ds_config.build(run, world, torch.device("cpu"))
+    if reuse >= 0:  # -1: DeepSpeed's default (1e9 numel: a model this small is never released within a step)
+        ds["zero_optimization"].update(stage3_max_reuse_distance=reuse, stage3_prefetch_bucket_size=reuse)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds)
     marked = keep_resident(engine, [hyper]) if resident else []
     per_step, times, losses = [], [], []
@@ -69,7 +75,9 @@ def run_variant(geometry: str, resident: bool, rank: int, world: int) -> dict:
             engine.backward(loss)
             engine.step()
             times.append(time.perf_counter() - start)
-            per_step.append({"bytes": dict(counter.bytes), "calls": dict(counter.calls), "torch_direct": dict(counter.torch_direct)})
+            per_step.append(
+                {"bytes": dict(counter.bytes), "calls": dict(counter.calls), "torch_direct": dict(counter.torch_direct)}
+            )
             losses.append(loss.item())
     steady = per_step[1:]  # step 0 records the trace and is not representative
 
@@ -78,7 +86,7 @@ def run_variant(geometry: str, resident: bool, rank: int, world: int) -> dict:
 
     kinds = sorted({k for s in steady for k in s["bytes"]})
     return {
-        "geometry": geometry, "resident": resident, "marked": len(marked), "layers": run.model.num_layers,
+        "geometry": geometry, "resident": resident, "max_reuse_distance": reuse, "marked": len(marked), "layers": run.model.num_layers,
         "params": numel["all"], "hyper_params": numel["hyper"], "param_bytes": 4 * numel["all"],
         "hyper_bytes": 4 * numel["hyper"], "steady_steps": len(steady),
         "bytes_per_step": {k: mean(k) for k in kinds}, "calls_per_step": {k: mean(k, "calls") for k in kinds},
@@ -91,12 +99,19 @@ def run_variant(geometry: str, resident: bool, rank: int, world: int) -> dict:
 
 def main(argv) -> None:
     args = [a for a in argv if not a.startswith("--")]  # the deepspeed launcher adds --local_rank=N
+    reuses = tuple(int(a.split("=", 1)[1]) for a in args if a.startswith("reuse=")) or REUSE
+    args = [a for a in args if not a.startswith("reuse=")]
     out_path, geometries = args[0], args[1:] or ["tiny", "mini"]
     info = init_distributed("cpu", timeout_minutes=5)
-    results = [run_variant(g, r, info.rank, info.world_size) for g in geometries for r in (True, False)]
+    results = [
+        run_variant(g, resident, reuse, info.rank, info.world_size)
+        for g in geometries for reuse in reuses for resident in (True, False)
+    ]  # fmt: skip
     if info.rank == 0:
         with open(out_path, "w") as f:
-            json.dump({"world_size": info.world_size, "micro_batch": MICRO, "seq_len": SEQ, "results": results}, f, indent=1)
+            json.dump(
+                {"world_size": info.world_size, "micro_batch": MICRO, "seq_len": SEQ, "results": results}, f, indent=1
+            )
 
 
 if __name__ == "__main__":

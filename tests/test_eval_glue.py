@@ -5,6 +5,7 @@ directories: ours (hyperbert, bert, hypermixer) and a stock transformers BERT.""
 from __future__ import annotations
 
 import json
+import os
 import random
 import subprocess
 import sys
@@ -14,6 +15,8 @@ import pytest
 import torch
 
 from scale_hyper.evaluation import glue
+
+REPO = Path(__file__).resolve().parents[1]  # subprocesses import this checkout
 
 POS = ["good", "great", "fine", "nice", "happy", "best"]
 NEG = ["bad", "poor", "awful", "sad", "worst", "wrong"]
@@ -83,38 +86,65 @@ def test_tsv_reader_parses_glue_layouts(tmp_path, glue_dir):
     rows = glue.read_tsv(glue.TASKS["stsb"], glue_dir / "STS-B" / "dev.tsv")
     assert len(rows) == 24 and len(rows[0][0]) == 2 and rows[1][1] == pytest.approx(5 / 3, abs=1e-3)
     (tmp_path / "cola.tsv").write_text("gj04\t1\t\tThe book fell .\ngj04\t0\t*\tBook the fell .\n")
-    assert glue.read_tsv(glue.TASKS["cola"], tmp_path / "cola.tsv") == [(("The book fell .",), 1.0), (("Book the fell .",), 0.0)]
-    (tmp_path / "rte.tsv").write_text("index\tsentence1\tsentence2\tlabel\n0\ta\tb\tnot_entailment\n1\tc\td\tentailment\n")
+    assert glue.read_tsv(glue.TASKS["cola"], tmp_path / "cola.tsv") == [
+        (("The book fell .",), 1.0),
+        (("Book the fell .",), 0.0),
+    ]
+    (tmp_path / "rte.tsv").write_text(
+        "index\tsentence1\tsentence2\tlabel\n0\ta\tb\tnot_entailment\n1\tc\td\tentailment\n"
+    )
     assert [y for _, y in glue.read_tsv(glue.TASKS["rte"], tmp_path / "rte.tsv")] == [1.0, 0.0]
 
 
 def test_protocol_median_over_seeds_best_lr():
     task = glue.TASKS["sst2"]
-    runs = [{"lr": lr, "seed": s, "score": sc, "dev": {"dev": {"accuracy": sc}}}
-            for lr, s, sc in [(1e-4, 1, 0.9), (1e-4, 2, 0.5), (1e-4, 3, 0.6), (5e-5, 1, 0.7), (5e-5, 2, 0.7), (5e-5, 3, 0.1)]]
+    runs = [
+        {"lr": lr, "seed": s, "score": sc, "dev": {"dev": {"accuracy": sc}}}
+        for lr, s, sc in [
+            (1e-4, 1, 0.9),
+            (1e-4, 2, 0.5),
+            (1e-4, 3, 0.6),
+            (5e-5, 1, 0.7),
+            (5e-5, 2, 0.7),
+            (5e-5, 3, 0.1),
+        ]
+    ]
     s = glue.summarise(task, runs)
     assert s["best_lr"] == 5e-5 and s["score"] == pytest.approx(0.7)  # medians 0.6 vs 0.7; means would pick 1e-4
     assert s["median_by_lr"][1e-4] == pytest.approx(0.6)
 
 
-@pytest.mark.parametrize("mixer", ["hyperbert", "bert", "hypermixer", "stock-bert"])
-def test_glue_end_to_end_on_tiny_tasks(tmp_path, glue_dir, mixer):
-    model_dir = tiny_hf_dir(tmp_path / "model", mixer)
+def test_glue_end_to_end_hyperbert(tmp_path, glue_dir):
+    model_dir = tiny_hf_dir(tmp_path / "model", "hyperbert")
     out = tmp_path / "out"
-    args = [f"eval.glue_dir={glue_dir}", "eval.lrs=[3e-3]", "eval.seeds=[1,2]", "eval.batch_size=8", "eval.epochs=6",
+    args = [f"eval.glue_dir={glue_dir}", "eval.lrs=[3e-3]", "eval.seeds=[1,2]", "eval.batch_size=8", "eval.epochs=8",
             "tracking.enabled=false"]  # fmt: skip
-    res = glue.run_glue(str(model_dir), ["sst2", "stsb"], args, out=str(out), small_task_epochs=6, log=lambda *_: None)
+    res = glue.run_glue(str(model_dir), ["sst2", "stsb"], args, out=str(out), small_task_epochs=8, log=lambda *_: None)
     by_task = {s["task"]: s for s in res["tasks"]}
     for runs in res["runs"].values():
         assert len(runs) == 2
         for r in runs:
             assert r["train_loss"][-1] < r["train_loss"][0], r["train_loss"]  # it learns
     assert 0.0 <= by_task["sst2"]["metrics"]["accuracy"] <= 1.0
-    assert -1.0 <= by_task["stsb"]["metrics"]["pearson"] <= 1.0 and -1.0 <= by_task["stsb"]["metrics"]["spearman"] <= 1.0
+    assert (
+        -1.0 <= by_task["stsb"]["metrics"]["pearson"] <= 1.0 and -1.0 <= by_task["stsb"]["metrics"]["spearman"] <= 1.0
+    )
     assert by_task["sst2"]["score"] >= 0.75, by_task  # the keyword task is easy once trained
+    assert by_task["stsb"]["seeds"] == 2 and res["runs"]["stsb"][0]["epochs"] == 8
     summary = (out / "summary.md").read_text()
     assert "| sst2 | stsb | avg |" in summary and f"{100 * res['glue_avg']:.1f}" in summary
     assert json.loads((out / "results.json").read_text())["glue_avg"] == pytest.approx(res["glue_avg"])
+
+
+@pytest.mark.parametrize("mixer", ["bert", "hypermixer", "stock-bert"])
+def test_glue_runs_for_other_mixers_and_stock_bert(tmp_path, glue_dir, mixer):
+    model_dir = tiny_hf_dir(tmp_path / "model", mixer)
+    args = [f"eval.glue_dir={glue_dir}", "eval.lrs=[3e-3]", "eval.seeds=[1]", "eval.batch_size=8", "eval.epochs=5",
+            "tracking.enabled=false"]  # fmt: skip
+    res = glue.run_glue(str(model_dir), ["sst2"], args, out=str(tmp_path / "out"), log=lambda *_: None)
+    (r,) = res["runs"]["sst2"]
+    assert r["train_loss"][-1] < r["train_loss"][0], r["train_loss"]
+    assert 0.0 <= res["glue_avg"] <= 1.0
 
 
 def test_glue_cli_logs_to_mlflow(tmp_path, glue_dir):
@@ -122,8 +152,9 @@ def test_glue_cli_logs_to_mlflow(tmp_path, glue_dir):
     db = tmp_path / "mlflow.db"
     proc = subprocess.run(
         [sys.executable, "-m", "scale_hyper", "glue", str(model_dir), "sst2", f"eval.glue_dir={glue_dir}", "eval.lrs=[3e-3]",
-         "eval.seeds=[1]", "eval.epochs=2", "eval.batch_size=8", f"tracking.uri=sqlite:///{db}", "--out", str(tmp_path / "o")],
-        capture_output=True, text=True, cwd=tmp_path,
+         "eval.seeds=[1]", "eval.epochs=1", "eval.batch_size=8", f"tracking.uri=sqlite:///{db}", "--max-train", "16",
+         "--out", str(tmp_path / "o")],
+        capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)},
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| model | sst2 | avg |" in proc.stdout and "logged to MLflow run" in proc.stdout

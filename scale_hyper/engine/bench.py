@@ -86,7 +86,13 @@ def _env_list(name: str) -> Optional[List[str]]:
 
 def make_plan(device: torch.device) -> Plan:
     if device.type == "cuda":
-        sizes, seq, tokens, steps, warmup = ["mini", "base"], {"mini": [128, 512, 2048, 8192], "base": [128, 512, 2048, 8192]}, 65_536, 20, 5
+        sizes, seq, tokens, steps, warmup = (
+            ["mini", "base"],
+            {"mini": [128, 512, 2048, 8192], "base": [128, 512, 2048, 8192]},
+            65_536,
+            20,
+            5,
+        )
     else:
         sizes, seq, tokens, steps, warmup = ["tiny", "mini"], {"tiny": [128, 512], "mini": [128]}, 2_048, 5, 2
     mixers = _env_list("MIXERS") or list(MIXERS)
@@ -192,8 +198,15 @@ def _is_oom(err: BaseException) -> bool:
 
 
 def measure(
-    build: Callable[[], torch.nn.Module], batch: dict, run: RunConfig, device: torch.device,
-    precision: str, steps: int, warmup: int, compile_model: bool = False, sparse: bool = True,
+    build: Callable[[], torch.nn.Module],
+    batch: dict,
+    run: RunConfig,
+    device: torch.device,
+    precision: str,
+    steps: int,
+    warmup: int,
+    compile_model: bool = False,
+    sparse: bool = True,
 ) -> tuple[List[float], Optional[int]]:
     """Per-step wall times (seconds) of `steps` timed training steps, and the row's peak memory."""
     memory = _Memory(device)
@@ -202,7 +215,12 @@ def measure(
     t = run.train
     opt_kwargs = {"fused": True} if device.type == "cuda" else {}
     optimizer = torch.optim.AdamW(
-        model.parameters(), lr=t.lr, betas=tuple(t.adam_betas), eps=t.adam_eps, weight_decay=t.weight_decay, **opt_kwargs
+        model.parameters(),
+        lr=t.lr,
+        betas=tuple(t.adam_betas),
+        eps=t.adam_eps,
+        weight_decay=t.weight_decay,
+        **opt_kwargs,
     )
     step_model = torch.compile(model) if compile_model else model
     extra = {"sparse_logits": True} if sparse else {}
@@ -227,7 +245,7 @@ def measure(
             times.append(time.perf_counter() - start)
         return times, memory.peak()
     finally:
-        del model, optimizer, step_model
+        optimizer.zero_grad(set_to_none=True)
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -245,7 +263,9 @@ def run_bench(run: RunConfig, plan: Optional[Plan] = None, log=print) -> tuple[L
     compile_too = run.train.compile and device.type == "cuda"
     mask_prob = run.data.mask_prob
     rows: List[Row] = []
-    variants = [(m, False) for m in plan.mixers] + ([(m, True) for m in plan.mixers] if compile_too else []) + [(HF, False)]
+    variants = (
+        [(m, False) for m in plan.mixers] + ([(m, True) for m in plan.mixers] if compile_too else []) + [(HF, False)]
+    )
     for size in plan.sizes:
         for name, compiled in variants:
             label = f"{name}+compile" if compiled else name
@@ -261,7 +281,9 @@ def run_bench(run: RunConfig, plan: Optional[Plan] = None, log=print) -> tuple[L
                 build = (lambda mc=mc: hf_bert(mc)) if name == HF else (lambda mc=mc: build_model(mc, task="mlm"))
                 batch = synthetic_batch(mc, batch_size, seq_len, mask_prob, device, run.train.seed)
                 try:
-                    times, mem = measure(build, batch, run, device, precision, plan.steps, plan.warmup, compiled, sparse=name != HF)
+                    times, mem = measure(
+                        build, batch, run, device, precision, plan.steps, plan.warmup, compiled, sparse=name != HF
+                    )
                 except Exception as err:  # noqa: BLE001 - one failing row must not hide the others
                     if not _is_oom(err):
                         row.status = f"error: {type(err).__name__}: {str(err).splitlines()[0][:80]}"
@@ -324,9 +346,9 @@ def format_table(rows: List[Row]) -> str:
             ]  # fmt: skip
         lines.append(cells)
     widths = [max(len(h), *(len(c[i]) for c in lines)) if lines else len(h) for i, h in enumerate(COLUMNS)]
-    out = ["| " + " | ".join(h.ljust(w) for h, w in zip(COLUMNS, widths)) + " |"]
+    out = ["| " + " | ".join(h.ljust(w) for h, w in zip(COLUMNS, widths, strict=True)) + " |"]
     out.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    out += ["| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |" for cells in lines]
+    out += ["| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |" for cells in lines]
     return "\n".join(out)
 
 
@@ -379,6 +401,7 @@ def _nbytes(x) -> int:
 def _collective_bytes(name: str, args: tuple, kwargs: dict) -> int:
     """Logical size of one collective: the full (gathered / pre-reduction) tensor, as nccl-tests counts it.
     A ring moves (W-1)/W of this through each rank's link."""
+
     def arg(i, *names):
         for n in names:
             if n in kwargs:
@@ -441,7 +464,7 @@ class CollectiveCounter:
         setattr(owner, name, wrapped)
         self._undo.append((owner, name, original, name in vars(owner)))
 
-    def __enter__(self) -> "CollectiveCounter":
+    def __enter__(self) -> CollectiveCounter:
         import deepspeed.comm.comm as ds_comm
 
         if ds_comm.cdb is None:
@@ -459,3 +482,38 @@ class CollectiveCounter:
             else:  # a method found on the class: drop the instance attribute that shadows it
                 delattr(owner, name)
         self._undo.clear()
+
+
+# --- Analytic ZeRO-3 step time vs number of nodes (docs/benchmarks.md, "ZeRO-3 communication") ------
+
+
+def zero3_step_model(
+    params: int,
+    hyper_params: int,
+    layers: int,
+    flops_per_token: float,
+    tokens_per_gpu: int,
+    nodes: int,
+    resident: bool,
+    gpus_per_node: int = 8,
+    peak: float = 989e12,
+    mfu: float = 0.4,
+    bytes_per_param: int = 2,
+    nvlink_bw: float = 360e9,
+    net_bw: float = 45e9,
+) -> dict:
+    """Seconds per optimizer step of ZeRO-3 data parallelism, first order.
+
+    compute = tokens_per_gpu × flops_per_token / (peak × mfu).
+    Gathered per step: every weight twice (forward, backward), except the shared hypernetwork, which a
+    partitioned ZeRO-3 gathers at each of its 2·L uses and a resident one once (after the step);
+    gradients are reduce-scattered once. A ring moves (W-1)/W of each collective through every GPU's
+    link: NVLink bandwidth within one node, the per-GPU network bandwidth across nodes.
+    """  # fmt: skip
+    world = nodes * gpus_per_node
+    gathered = 2 * (params - hyper_params) + (1 if resident else 2 * layers) * hyper_params
+    wire = (world - 1) / world * bytes_per_param * (gathered + params)  # all-gathers + reduce-scatter
+    bw = nvlink_bw if nodes == 1 else net_bw
+    compute = tokens_per_gpu * flops_per_token / (peak * mfu)
+    comm = wire / bw
+    return {"compute_s": compute, "comm_s": comm, "serial_s": compute + comm, "overlapped_s": max(compute, comm)}

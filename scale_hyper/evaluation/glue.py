@@ -53,15 +53,60 @@ TASKS: Dict[str, Task] = {
     for t in (
         Task("cola", "CoLA", ("3",), "1", ("sentence",), metrics=("mcc",)),
         Task("sst2", "SST-2", ("sentence",), "label", ("sentence",)),
-        Task("mrpc", "MRPC", ("#1 String", "#2 String"), "Quality", ("sentence1", "sentence2"), metrics=("f1", "accuracy")),
-        Task("stsb", "STS-B", ("sentence1", "sentence2"), "score", ("sentence1", "sentence2"), num_labels=1,
-             metrics=("pearson", "spearman")),
-        Task("qqp", "QQP", ("question1", "question2"), "is_duplicate", ("question1", "question2"), metrics=("f1", "accuracy")),
-        Task("mnli", "MNLI", ("sentence1", "sentence2"), "gold_label", ("premise", "hypothesis"),
-             labels=("entailment", "neutral", "contradiction"), num_labels=3,
-             dev_splits=(("m", "dev_matched.tsv", "validation_matched"), ("mm", "dev_mismatched.tsv", "validation_mismatched"))),
-        Task("qnli", "QNLI", ("question", "sentence"), "label", ("question", "sentence"), labels=("entailment", "not_entailment")),
-        Task("rte", "RTE", ("sentence1", "sentence2"), "label", ("sentence1", "sentence2"), labels=("entailment", "not_entailment")),
+        Task(
+            "mrpc",
+            "MRPC",
+            ("#1 String", "#2 String"),
+            "Quality",
+            ("sentence1", "sentence2"),
+            metrics=("f1", "accuracy"),
+        ),
+        Task(
+            "stsb",
+            "STS-B",
+            ("sentence1", "sentence2"),
+            "score",
+            ("sentence1", "sentence2"),
+            num_labels=1,
+            metrics=("pearson", "spearman"),
+        ),
+        Task(
+            "qqp",
+            "QQP",
+            ("question1", "question2"),
+            "is_duplicate",
+            ("question1", "question2"),
+            metrics=("f1", "accuracy"),
+        ),
+        Task(
+            "mnli",
+            "MNLI",
+            ("sentence1", "sentence2"),
+            "gold_label",
+            ("premise", "hypothesis"),
+            labels=("entailment", "neutral", "contradiction"),
+            num_labels=3,
+            dev_splits=(
+                ("m", "dev_matched.tsv", "validation_matched"),
+                ("mm", "dev_mismatched.tsv", "validation_mismatched"),
+            ),
+        ),
+        Task(
+            "qnli",
+            "QNLI",
+            ("question", "sentence"),
+            "label",
+            ("question", "sentence"),
+            labels=("entailment", "not_entailment"),
+        ),
+        Task(
+            "rte",
+            "RTE",
+            ("sentence1", "sentence2"),
+            "label",
+            ("sentence1", "sentence2"),
+            labels=("entailment", "not_entailment"),
+        ),
     )  # fmt: skip
 }
 SMALL_TASKS = ("rte", "mrpc", "stsb")
@@ -96,7 +141,9 @@ def read_tsv(task: Task, path: Path) -> List[Example]:
                 raise ValueError(f"{path}: header {header} lacks {task.text_columns} / {task.label_column!r}") from None
             width = len(header)
         for row in reader:
-            if len(row) < max(*text_idx, label_idx) + 1 or (task.name != "cola" and len(row) < min(width, label_idx + 1)):
+            if len(row) < max(*text_idx, label_idx) + 1 or (
+                task.name != "cola" and len(row) < min(width, label_idx + 1)
+            ):
                 continue
             try:
                 rows.append((tuple(row[i] for i in text_idx), _label(task, row[label_idx])))
@@ -113,7 +160,9 @@ def load_task(task: Task, glue_dir: Optional[str]) -> Tuple[List[Example], Dict[
         folder = Path(glue_dir) / task.folder
         if not folder.is_dir():
             raise FileNotFoundError(f"eval.glue_dir={glue_dir}: no {task.folder}/ folder for task {task.name}")
-        return read_tsv(task, folder / "train.tsv"), {name: read_tsv(task, folder / tsv) for name, tsv, _ in task.dev_splits}
+        return read_tsv(task, folder / "train.tsv"), {
+            name: read_tsv(task, folder / tsv) for name, tsv, _ in task.dev_splits
+        }
     from datasets import load_dataset
 
     ds = load_dataset("nyu-mll/glue", task.name)
@@ -137,7 +186,7 @@ class ModelFactory:
     _state: Optional[Dict[str, torch.Tensor]] = field(default=None, repr=False)
 
     @classmethod
-    def from_path(cls, path: str, args: Sequence[str] = ()) -> "ModelFactory":
+    def from_path(cls, path: str, args: Sequence[str] = ()) -> ModelFactory:
         src = sources.resolve(path)
         run = sources.run_config(src, args) if src.kind == "checkpoint" else None
         tok = sources.load_tokenizer_for(src, run)
@@ -161,11 +210,14 @@ class ModelFactory:
             missing, unexpected = model.load_state_dict(backbone, strict=False)
             bad = [k for k in missing if not k.startswith("classification_head.") and not k.endswith("position_ids")]
             if bad or unexpected:
-                raise RuntimeError(f"{self.src.path}: encoder weights do not fit: missing {bad[:5]}, unexpected {unexpected[:5]}")
+                raise RuntimeError(
+                    f"{self.src.path}: encoder weights do not fit: missing {bad[:5]}, unexpected {unexpected[:5]}"
+                )
             return model
-        import scale_hyper.models  # noqa: F401  (registers model_type scale_hyper)
         from transformers import AutoModelForSequenceClassification
         from transformers.utils import logging as hf_logging
+
+        import scale_hyper.models  # noqa: F401  (registers model_type scale_hyper)
 
         verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()  # "newly initialized classifier" is the point here
@@ -175,7 +227,7 @@ class ModelFactory:
             hf_logging.set_verbosity(verbosity)
 
     def encode(self, examples: Sequence[Example]) -> Dict[str, torch.Tensor]:
-        texts = list(zip(*[e[0] for e in examples]))
+        texts = list(zip(*[e[0] for e in examples], strict=True))
         enc = self.tokenizer(*[list(t) for t in texts], truncation=True, max_length=self.max_length,
                              padding=True, return_tensors="pt")  # fmt: skip
         keep = {k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc}
@@ -207,7 +259,9 @@ def fine_tune(factory: ModelFactory, task: Task, train: List[Example], devs: Dic
                             lr=lr, betas=(0.9, 0.98), eps=1e-6)  # fmt: skip
     steps = epochs * math.ceil(len(train) / batch_size)
     warm = max(1, int(warmup_ratio * steps))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warm, max(0.0, (steps - s) / max(1, steps - warm))))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min((s + 1) / warm, max(0.0, (steps - s) / max(1, steps - warm)))
+    )
     gen = torch.Generator().manual_seed(seed)
     epoch_losses = []
     model.train()
@@ -229,7 +283,9 @@ def fine_tune(factory: ModelFactory, task: Task, train: List[Example], devs: Dic
 
 
 @torch.no_grad()
-def predict(model, factory: ModelFactory, task: Task, examples: List[Example], batch_size: int, device: str) -> List[float]:
+def predict(
+    model, factory: ModelFactory, task: Task, examples: List[Example], batch_size: int, device: str
+) -> List[float]:
     model.eval()
     preds: List[float] = []
     for idx in _batches(len(examples), max(batch_size, 64), None):
@@ -239,7 +295,9 @@ def predict(model, factory: ModelFactory, task: Task, examples: List[Example], b
     return preds
 
 
-def score(model, factory: ModelFactory, task: Task, examples: List[Example], batch_size: int, device: str) -> Dict[str, float]:
+def score(
+    model, factory: ModelFactory, task: Task, examples: List[Example], batch_size: int, device: str
+) -> Dict[str, float]:
     preds = predict(model, factory, task, examples, batch_size, device)
     labels = [e[1] if task.regression else int(e[1]) for e in examples]
     return M.compute(task.metrics, preds, labels)
@@ -310,7 +368,9 @@ def run_glue(model_path: str, tasks: Sequence[str], args: Sequence[str] = (), ou
         for lr in ev.lrs:
             for seed in ev.seeds:
                 t0 = time.perf_counter()
-                r = fine_tune(factory, task, train, devs, lr=lr, seed=seed, batch_size=ev.batch_size, epochs=epochs, device=device)
+                r = fine_tune(
+                    factory, task, train, devs, lr=lr, seed=seed, batch_size=ev.batch_size, epochs=epochs, device=device
+                )
                 runs.append(r)
                 log(f"{name}: lr {lr:g} seed {seed}: score {100 * r['score']:.2f} "
                     f"(train loss {r['train_loss'][0]:.3f} -> {r['train_loss'][-1]:.3f}, {time.perf_counter() - t0:.0f} s)")  # fmt: skip

@@ -22,14 +22,14 @@ def _check(a: Sequence, b: Sequence) -> None:
 
 def accuracy(preds: Sequence, labels: Sequence) -> float:
     _check(preds, labels)
-    return sum(int(p == y) for p, y in zip(preds, labels)) / len(labels)
+    return sum(int(p == y) for p, y in zip(preds, labels, strict=True)) / len(labels)
 
 
 def f1(preds: Sequence[int], labels: Sequence[int], positive: int = 1) -> float:
     _check(preds, labels)
-    tp = sum(1 for p, y in zip(preds, labels) if p == positive and y == positive)
-    fp = sum(1 for p, y in zip(preds, labels) if p == positive and y != positive)
-    fn = sum(1 for p, y in zip(preds, labels) if p != positive and y == positive)
+    tp = sum(1 for p, y in zip(preds, labels, strict=True) if p == positive and y == positive)
+    fp = sum(1 for p, y in zip(preds, labels, strict=True) if p == positive and y != positive)
+    fn = sum(1 for p, y in zip(preds, labels, strict=True) if p != positive and y == positive)
     return 0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn)
 
 
@@ -38,10 +38,10 @@ def mcc(preds: Sequence[int], labels: Sequence[int]) -> float:
     _check(preds, labels)
     classes = sorted(set(preds) | set(labels))
     n = len(labels)
-    correct = sum(1 for p, y in zip(preds, labels) if p == y)
+    correct = sum(1 for p, y in zip(preds, labels, strict=True) if p == y)
     pred_count = {c: 0 for c in classes}
     true_count = {c: 0 for c in classes}
-    for p, y in zip(preds, labels):
+    for p, y in zip(preds, labels, strict=True):
         pred_count[p] += 1
         true_count[y] += 1
     cov_xy = correct * n - sum(pred_count[c] * true_count[c] for c in classes)
@@ -56,7 +56,7 @@ def pearson(x: Sequence[float], y: Sequence[float]) -> float:
     _check(x, y)
     n = len(x)
     mx, my = sum(x) / n, sum(y) / n
-    sxy = sum((a - mx) * (b - my) for a, b in zip(x, y))
+    sxy = sum((a - mx) * (b - my) for a, b in zip(x, y, strict=True))
     sxx = sum((a - mx) ** 2 for a in x)
     syy = sum((b - my) ** 2 for b in y)
     if sxx == 0 or syy == 0:

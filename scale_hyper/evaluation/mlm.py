@@ -20,7 +20,9 @@ from scale_hyper.evaluation import source as sources
 
 
 @torch.no_grad()
-def mlm_metrics(model: torch.nn.Module, batches: Iterable[Dict[str, torch.Tensor]], device: str = "cpu") -> Dict[str, float]:
+def mlm_metrics(
+    model: torch.nn.Module, batches: Iterable[Dict[str, torch.Tensor]], device: str = "cpu"
+) -> Dict[str, float]:
     """Mean cross-entropy over the masked tokens, perplexity exp(loss), and top-1 accuracy."""
     from scale_hyper.models import ScaleHyperForMaskedLM
 
@@ -53,7 +55,9 @@ def evaluate(model_path: str, args: Sequence[str] = ()) -> Dict[str, float]:
     run = sources.run_config(src, args)
     manifest = load_manifest(run.data.output, run.data.allow_pipe)
     if manifest is None:
-        raise FileNotFoundError(f"no prepared data at data.output={run.data.output}; run `scale-hyper prepare` or set data.output")
+        raise FileNotFoundError(
+            f"no prepared data at data.output={run.data.output}; run `scale-hyper prepare` or set data.output"
+        )
     model = sources.load_mlm(src)
     check_vocab(manifest, model.config.vocab_size)
     device = "cuda" if run.train.device != "cpu" and torch.cuda.is_available() else "cpu"

@@ -90,8 +90,9 @@ def load_mlm(source: ModelSource) -> torch.nn.Module:
         model = build_model(source.run.model, task="mlm")
         _load_strict(model, checkpoint_state_dict(source), source.path)
         return model.eval()
-    import scale_hyper.models  # noqa: F401  (registers model_type scale_hyper with the Auto classes)
     from transformers import AutoModelForMaskedLM
+
+    import scale_hyper.models  # noqa: F401  (registers model_type scale_hyper with the Auto classes)
 
     return AutoModelForMaskedLM.from_pretrained(source.path).eval()
 

@@ -40,8 +40,12 @@ def log_results(
     params = dict(params or {})
     if run_id is None:
         exp = client.get_experiment_by_name(run.tracking.experiment)
-        exp_id = exp.experiment_id if exp else client.create_experiment(
-            run.tracking.experiment, artifact_location=_artifact_location(run.tracking.artifact_location, kind, db)
+        exp_id = (
+            exp.experiment_id
+            if exp
+            else client.create_experiment(
+                run.tracking.experiment, artifact_location=_artifact_location(run.tracking.artifact_location, kind, db)
+            )
         )
         run_id = client.create_run(exp_id, run_name=run_name, tags={"scale_hyper.kind": "evaluation"}).info.run_id
         params.update({"model.mixer": run.model.mixer})
