@@ -165,7 +165,13 @@ def load_task(task: Task, glue_dir: Optional[str]) -> Tuple[List[Example], Dict[
         }
     from datasets import load_dataset
 
-    ds = load_dataset("nyu-mll/glue", task.name)
+    try:
+        ds = load_dataset("nyu-mll/glue", task.name)
+    except Exception as err:  # offline, hub unreachable, ...
+        raise FileNotFoundError(
+            f"cannot load GLUE {task.name} from the Hugging Face Hub ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
+            "offline, set eval.glue_dir to a directory in GLUE's TSV layout (SST-2/train.tsv, SST-2/dev.tsv, ...)"
+        ) from None
 
     def rows(split: str) -> List[Example]:
         return [(tuple(r[c] for c in task.hf_columns), float(r["label"])) for r in ds[split]]

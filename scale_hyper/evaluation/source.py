@@ -31,7 +31,7 @@ class ModelSource:
     def name(self) -> str:
         if self.kind == "checkpoint":
             return f"{self.path.parent.parent.name}/{self.path.name}"
-        return self.path.name
+        return f"{self.path.parent.name}/{self.path.name}" if self.run is not None else self.path.name
 
 
 def resolve(path: str | os.PathLike) -> ModelSource:
@@ -39,7 +39,15 @@ def resolve(path: str | os.PathLike) -> ModelSource:
     if (p / checkpoint.MARKER).is_file():
         return _checkpoint_source(p)
     if (p / "config.json").is_file():
-        return ModelSource(p, "hf", mlflow_run_id=_run_id_near_export(p))
+        near = _checkpoint_near_export(p)
+        if near is None:
+            return ModelSource(p, "hf")
+        # `train`'s own export ({output_dir}/hf): its run's config (data, batch size, tracking) is the base.
+        from scale_hyper.engine.export import run_config_of
+
+        return ModelSource(
+            p, "hf", run=run_config_of(near), mlflow_run_id=checkpoint.read_state(near).get("mlflow_run_id")
+        )
     found = checkpoint.complete_checkpoints(checkpoint.checkpoint_root(str(p)))
     if found:
         return _checkpoint_source(found[-1])
@@ -56,12 +64,10 @@ def _checkpoint_source(ckpt: Path) -> ModelSource:
     return ModelSource(ckpt, "checkpoint", run=run_config_of(ckpt), mlflow_run_id=state.get("mlflow_run_id"))
 
 
-def _run_id_near_export(hf_dir: Path) -> Optional[str]:
-    """`train` exports to {output_dir}/hf: the run's checkpoints beside it name the MLflow run."""
+def _checkpoint_near_export(hf_dir: Path) -> Optional[Path]:
+    """`train` exports to {output_dir}/hf: the newest checkpoint beside it (None if there is none)."""
     found = checkpoint.complete_checkpoints(checkpoint.checkpoint_root(str(hf_dir.parent)))
-    if found:
-        return checkpoint.read_state(found[-1]).get("mlflow_run_id")
-    return None
+    return found[-1] if found else None
 
 
 def run_config(source: ModelSource, args: Sequence[str]) -> RunConfig:
@@ -108,10 +114,17 @@ def load_tokenizer_for(source: ModelSource, run: Optional[RunConfig] = None):
     if source.kind == "checkpoint":
         from scale_hyper.data import load_tokenizer
 
-        return load_tokenizer((run or source.run).data)
+        try:
+            return load_tokenizer((run or source.run).data)
+        except (OSError, ValueError):
+            export = source.path.parent.parent / "hf"  # the run's own export carries the same tokenizer
+            if not (export / "tokenizer.json").is_file():
+                raise
+    else:
+        export = source.path
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(source.path)
+    return AutoTokenizer.from_pretrained(export)
 
 
 def hf_config_dict(source: ModelSource) -> dict:
