@@ -13,6 +13,7 @@ import sys
 from typing import Callable, List, Optional
 
 from scale_hyper.config import ConfigError, available_presets, load_config, to_yaml
+from scale_hyper.config.loading import split_args
 
 
 def _config(args: argparse.Namespace) -> int:
@@ -113,7 +114,6 @@ def _with_configs(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="scale-hyper", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
 
     def verb(name: str, fn: Callable[[argparse.Namespace], int], help: str) -> argparse.ArgumentParser:
@@ -176,15 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    # The deepspeed launcher puts --local_rank after the verb's arguments: accept it anywhere.
-    argv = [a for a in argv if not a.startswith(("--local_rank=", "--local-rank="))]
-    args, unknown = build_parser().parse_known_args(argv)
-    stray = [u for u in unknown if not u.lstrip("-").replace("_", "").replace("-", "").isdigit()]
-    stray = [u for u in stray if u not in ("--local_rank", "--local-rank")]
-    if stray:
-        print(f"scale-hyper: unrecognised arguments: {' '.join(stray)}", file=sys.stderr)
-        return 2
+    # The deepspeed launcher appends --local_rank (after the verb's arguments): drop it wherever it is.
+    args = build_parser().parse_args(split_args(sys.argv[1:] if argv is None else argv))
     try:
         return args.fn(args)
     except ConfigError as err:

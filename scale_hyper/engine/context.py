@@ -74,8 +74,6 @@ class Context:
     run: RunConfig
     info: DistInfo
     engine: Any
-    ds_config: Dict[str, Any]
-    manifest: Dict[str, Any]
     loader: Any
     val_loader: Iterable
     tracker: Any
@@ -83,12 +81,10 @@ class Context:
     skipped: int = 0
     loss_sum: float = 0.0
     loss_n: int = 0
-    resident_params: int = 0
     val_before: Optional[Dict[str, float]] = None
     last_saved: int = -1
     flops_per_token: float = 0.0
     peak: Optional[float] = None
-    precision: str = "fp32"
     started: float = field(default_factory=time.perf_counter)
 
     # ---------------------------------------------------------------- setup
@@ -145,8 +141,6 @@ class Context:
             run=run,
             info=info,
             engine=engine,
-            ds_config=ds,
-            manifest=manifest,
             loader=train_loader(
                 run.data, manifest, seed=t.seed, rank=info.rank, world_size=info.world_size,
                 micro_batch_size=t.micro_batch_size, state=cursor,
@@ -158,12 +152,10 @@ class Context:
             tracker=tracker,
             start_step=int(state.get("step", 0)),
             skipped=int(state.get("skipped", 0)),
-            resident_params=len(resident),
             val_before=state.get("val_before"),
             last_saved=int(state.get("step", -1)),
             flops_per_token=train_flops_per_token(run.model, run.data.seq_len, run.data.mask_prob),
             peak=peak_flops(info.device, precision),
-            precision=precision,
         )
         log(info, f"world {info.world_size} (rank {info.rank}, local {info.local_rank}, master {info.master}), "
                   f"device {info.device.type}, ZeRO-{ds_config.zero_stage(ds)}, {precision}, "
