@@ -12,6 +12,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 import torch
+from tiny_models import tiny_config
 from transformers import (
     AutoConfig,
     AutoModel,
@@ -37,20 +38,7 @@ SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
 def tiny(mixer: str = "hyperbert", **overrides) -> ModelConfig:
-    values = dict(
-        mixer=mixer,
-        vocab_size=len(SPECIALS) + len(WORDS),
-        hidden_size=16,
-        num_layers=2,
-        num_heads=2,
-        ffn_size=32,
-        max_position=32,
-        hyper_width=8,
-        hyper_heads=2,
-        mixer_width=12,
-    )
-    values.update(overrides)
-    return ModelConfig(**values).validate()
+    return tiny_config(mixer, **{"vocab_size": len(SPECIALS) + len(WORDS), "max_position": 32, **overrides})
 
 
 def make_tokenizer() -> PreTrainedTokenizerFast:

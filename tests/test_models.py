@@ -10,6 +10,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_models import tiny_config
 
 from scale_hyper.models import ModelConfig, build_model
 from scale_hyper.models.hypermixing import hyper_mixing
@@ -30,21 +31,7 @@ def single_thread():
 
 
 def tiny(mixer: str = "hyperbert", **overrides) -> ModelConfig:
-    values = dict(
-        mixer=mixer,
-        vocab_size=VOCAB,
-        hidden_size=16,
-        num_layers=2,
-        num_heads=2,
-        ffn_size=32,
-        max_position=64,
-        hyper_width=8,
-        hyper_heads=2,
-        mixer_width=12,
-        hyla_chunk=4,
-    )
-    values.update(overrides)
-    return ModelConfig(**values).validate()
+    return tiny_config(mixer, **{"vocab_size": VOCAB, "hyla_chunk": 4, **overrides})
 
 
 # Every mixer, and HyperBERT under each of its switches (O1-O8) and pre-LN.
