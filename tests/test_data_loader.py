@@ -75,11 +75,26 @@ def test_two_ranks_two_workers_cover_each_sequence_once_per_epoch(synth):
         assert loader.state_dict()["epoch"] == 2
         for i, b in enumerate(batches):
             assert b["input_ids"].shape == (8, S) and b["input_ids"].dtype == torch.long
-            assert b["attention_mask"].dtype == torch.long and b["labels"].dtype == torch.long
+            assert b["labels"].dtype == torch.long
+            pads = b["input_ids"] == 0  # [PAD]: a mask exactly when the batch has padding
+            assert ("attention_mask" in b) == bool(pads.any())
+            if "attention_mask" in b:
+                assert b["attention_mask"].dtype == torch.long and torch.equal(b["attention_mask"] == 0, pads)
             per_epoch[i // 10] += _ids(b)
     for epoch in (0, 1):
         assert sorted(per_epoch[epoch]) == list(range(160)), f"epoch {epoch} is not an exact cover"
     assert per_epoch[0] != per_epoch[1], "the order must change between epochs"
+
+
+def test_attention_mask_only_for_batches_with_padding(tmp_path):
+    rows = np.random.default_rng(0).integers(5, V, size=(32, S))
+    rows[3, S - 5 :] = 0  # one padded sequence (the packer pads only a split's last one)
+    manifest = shardlib.write_arrays(str(tmp_path / "d"), {"train": [rows]}, V, sequences_per_block=8)
+    loader = train_loader(_cfg(tmp_path / "d"), manifest, seed=0, rank=0, world_size=1, micro_batch_size=8)
+    batches = _take(loader, loader.batches_per_epoch)
+    padded = [b for b in batches if (b["input_ids"] == 0).any()]
+    assert len(padded) == 1 and all("attention_mask" not in b for b in batches if b is not padded[0])
+    assert torch.equal(padded[0]["attention_mask"], (padded[0]["input_ids"] != 0).long())
 
 
 def test_uneven_data_gives_every_rank_the_same_batch_count(tmp_path):

@@ -79,6 +79,55 @@ def test_transplant_from_checkpoint_then_eval(trained):
     assert _loss(e.stdout) < 8.0  # a working model (not NaN), before any continued training
 
 
+def test_continue_training_from_a_bert_transplant(trained, tmp_path):
+    """transplant 2 -> 4 layers, then `train train.init_from=DIR`: geometry and cross-layer sharing come
+    from the directory, training starts from its weights, and resuming the new run ignores init_from."""
+    wd, shards = trained, f"data.output={trained}/shards"
+    off = "tracking.enabled=false"
+    p = cli(
+        "train",
+        *COMMON,
+        shards,
+        off,
+        "model.mixer=bert",
+        "train.max_steps=5",
+        f"train.output_dir={tmp_path}/bert",
+        cwd=wd,
+    )
+    assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
+    p = cli("transplant", str(tmp_path / "bert"), "--layers", "4", "--out", str(tmp_path / "deep"), cwd=wd)
+    assert p.returncode == 0, p.stderr[-3000:]
+    info = json.loads((tmp_path / "deep" / "transplant.json").read_text())
+
+    args = [*COMMON, shards, off, f"train.init_from={tmp_path}/deep", f"train.output_dir={tmp_path}/cont"]
+    p = cli("train", *args, "train.max_steps=4", cwd=wd)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
+    assert "model.share_mixers: 0 -> 2" in p.stdout and "model.mixer: hyperbert -> bert" in p.stdout
+    assert f"initialised from {tmp_path}/deep" in p.stdout
+    assert f"{info['total_params']:,} parameters" in p.stdout  # the transplant's budget, sharing kept
+    exported = json.loads((tmp_path / "cont" / "hf" / "config.json").read_text())
+    assert exported["num_layers"] == 4 and exported["share_mixers"] == 2 and exported["mixer"] == "bert"
+    # step 0's validation loss is the transplant's own: the weights really were loaded
+    e = cli("eval", str(tmp_path / "deep"), shards, "eval.batches=2", "train.micro_batch_size=8", off, cwd=wd)
+    assert e.returncode == 0, e.stderr[-3000:]
+    metrics = [json.loads(x) for x in (tmp_path / "cont" / "metrics.jsonl").read_text().splitlines()]
+    step0 = next(m["val_loss"] for m in metrics if m.get("step") == 0 and "val_loss" in m)
+    assert step0 == pytest.approx(_loss(e.stdout), abs=1e-3)
+
+    p = cli("train", *args, "train.max_steps=6", cwd=wd)  # the run's own checkpoint wins
+    assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
+    assert "resumed from" in p.stdout and "initialised from" not in p.stdout
+
+
+def test_init_from_with_another_vocabulary_is_refused(trained, tmp_path):
+    wd = trained
+    other = [*COMMON, "data.vocab_size=300", f"data.output={tmp_path}/other", "tracking.enabled=false"]
+    p = cli("train", *other, f"train.init_from={wd}/hb", f"train.output_dir={tmp_path}/x", cwd=wd)
+    assert p.returncode == 2, (p.stdout + p.stderr)[-3000:]
+    assert "another vocabulary" in p.stderr and "data.tokenizer=" in p.stderr
+    assert not (tmp_path / "x" / "checkpoints").exists()
+
+
 def test_glue_from_checkpoint_and_report(trained, tmp_path):
     sys.path.insert(0, str(Path(__file__).parent))
     from test_eval_glue import write_tasks

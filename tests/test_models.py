@@ -116,6 +116,30 @@ def test_only_hyperbert_has_shared_modules():
         assert build_model(tiny(mixer), task="mlm").shared_modules() == []
 
 
+@pytest.mark.parametrize("mixer", ["bert", "hypermixer", "hyla"])
+@pytest.mark.parametrize("order,expected", [("cycle", [0, 1, 0, 1, 0]), ("stretch", [0, 0, 0, 1, 1])])
+def test_cross_layer_shared_mixers(mixer, order, expected):
+    """model.share_mixers=k: L layers use k mixers (owned once by the encoder); every one learns."""
+    torch.manual_seed(0)
+    own = build_model(tiny(mixer, num_layers=5), task="mlm")
+    shared = build_model(tiny(mixer, num_layers=5, share_mixers=2, share_order=order), task="mlm")
+    encoder = shared.model.encoder
+    assert encoder.mixer_of_layer == expected
+    assert [encoder.mixer(i) for i in range(5)] == [encoder.shared_mixers[j] for j in expected]
+    assert shared.shared_modules() == list(encoder.shared_mixers)
+    one_mixer = sum(p.numel() for p in own.model.encoder.layers[0].mixer.parameters())
+    assert sum(p.numel() for p in own.parameters()) - sum(p.numel() for p in shared.parameters()) == 3 * one_mixer
+    assert sum(1 for k in shared.state_dict() if ".mixer." in k) == 0  # stored once, under shared_mixers
+    ids = torch.randint(5, VOCAB, (2, 8))
+    shared(ids, labels=ids).loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in encoder.shared_mixers.parameters())
+
+
+def test_share_mixers_bounds():
+    with pytest.raises(ValueError, match="share_mixers=3 must be between 0"):
+        tiny("bert", num_layers=2, share_mixers=3)
+
+
 # --- independent slow references (float64, explicit loops) ---
 
 

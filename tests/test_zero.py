@@ -46,3 +46,13 @@ def test_counter_sees_hypernetwork_gathers_when_partitioned(results):
 
 def test_hypernetwork_once_in_state_dict(results):
     assert results["zero3"]["state_keys_hyper"] == results["zero3"]["num_hyper_params"]
+
+
+def test_cross_layer_shared_mixers_under_zero3(results):
+    """model.share_mixers (a transplanted BERT): 3 layers use 2 attention blocks; ZeRO-3 trains it like
+    ZeRO-0, keeps the shared blocks resident and stores each shared parameter once."""
+    z0, z3 = results["shared_bert_zero0"], results["shared_bert_zero3"]
+    assert z3["losses"] == pytest.approx(z0["losses"], rel=1e-5, abs=1e-6)
+    assert z3["marked"] == z3["num_hyper_params"] > 0
+    assert z3["avail_fwd"] and z3["avail_bwd"] and z3["hyper_gathers"] == 0
+    assert z3["state_keys_hyper"] == z3["num_hyper_params"]

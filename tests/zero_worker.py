@@ -20,7 +20,12 @@ from scale_hyper.engine.residency import is_available, keep_resident
 from scale_hyper.models import build_model
 
 STEPS, VOCAB, SEQ, MICRO = 6, 512, 32, 4
-VARIANTS = [("zero0", 0, True), ("zero1", 1, True), ("zero2", 2, True), ("zero3", 3, True), ("zero3_partitioned", 3, False)]
+SHARED_BERT = ("model.mixer=bert", "model.share_mixers=2")  # 3 layers, 2 attention blocks shared across them
+VARIANTS = [
+    ("zero0", 0, True, ()), ("zero1", 1, True, ()), ("zero2", 2, True, ()), ("zero3", 3, True, ()),
+    ("zero3_partitioned", 3, False, ()), ("shared_bert_zero0", 0, True, SHARED_BERT),
+    ("shared_bert_zero3", 3, True, SHARED_BERT),
+]  # fmt: skip
 
 
 def batch(step: int, rank: int):
@@ -50,12 +55,12 @@ def count_gathers(model, counts):
         p.all_gather_coalesced = wrapped
 
 
-def run_variant(stage: int, resident: bool, rank: int, world: int):
+def run_variant(stage: int, resident: bool, rank: int, world: int, extra=()):
     run = load_config(
         [
             "model.vocab_size=512", "model.dropout=0.0", "model.num_layers=3", "deepspeed.precision=fp32",
             f"deepspeed.zero_stage={stage}", f"train.micro_batch_size={MICRO}", "train.global_batch_size=0",
-            f"train.max_steps={STEPS}", "train.warmup_ratio=0", "deepspeed.param_persistence_threshold=0",
+            f"train.max_steps={STEPS}", "train.warmup_ratio=0", "deepspeed.param_persistence_threshold=0", *extra,
         ]
     )  # fmt: skip
     torch.manual_seed(0)
@@ -64,16 +69,18 @@ def run_variant(stage: int, resident: bool, rank: int, world: int):
     import deepspeed
 
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds)
-    hyper = model.shared_modules()[0]
-    marked = keep_resident(engine, [hyper]) if resident else []
+    shared = model.shared_modules()  # the hypernetwork, or the cross-layer shared mixers
+    marked = keep_resident(engine, shared) if resident else []
     counts: dict = {}
     if stage == 3:
         count_gathers(model, counts)
     seen = {"fwd": [], "bwd": []}
-    hyper_params = list(hyper.parameters())
+    hyper_params = [p for m in shared for p in m.parameters()]
     for block in model.model.encoder.layers:
         block.register_forward_pre_hook(lambda m, a: seen["fwd"].append(all(is_available(p) for p in hyper_params)))
-        block.register_full_backward_hook(lambda m, gi, go: seen["bwd"].append(all(is_available(p) for p in hyper_params)))
+        block.register_full_backward_hook(
+            lambda m, gi, go: seen["bwd"].append(all(is_available(p) for p in hyper_params))
+        )
     losses = []
     for step in range(STEPS):
         if step == 1:  # DeepSpeed records its parameter trace in the first step and releases
@@ -97,14 +104,17 @@ def run_variant(stage: int, resident: bool, rank: int, world: int):
         "avail_fwd": all(seen["fwd"]) and len(seen["fwd"]) > 0,
         "avail_bwd": all(seen["bwd"]) and len(seen["bwd"]) > 0,
         "sharded": sharded,
-        "state_keys_hyper": sum(1 for k in model.state_dict() if "hypernet" in k),
+        "state_keys_hyper": sum(1 for k in model.state_dict() if "hypernet" in k or "shared_mixers" in k),
         "num_hyper_params": len(hyper_params),
     }
 
 
 def main(out_path: str) -> None:
     info = init_distributed("cpu", timeout_minutes=2)
-    results = {name: run_variant(stage, resident, info.rank, info.world_size) for name, stage, resident in VARIANTS}
+    results = {
+        name: run_variant(stage, resident, info.rank, info.world_size, extra)
+        for name, stage, resident, extra in VARIANTS
+    }
     if info.rank == 0:
         with open(out_path, "w") as f:
             json.dump(results, f)

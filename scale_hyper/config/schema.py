@@ -59,10 +59,13 @@ class TrainConfig:
     grad_clip: float = 1.0
     max_bad_steps: int = 5  # consecutive NaN/inf steps before checkpoint-and-stop
     activation_checkpointing: str = "none"  # none | non_reentrant (reentrant is rejected)
-    compile: bool = False
+    compile: bool = False  # torch.compile the model (engine.compile(); inductor; first steps are slow)
     output_dir: str = "runs/default"
     seed: int = 1234
     resume: str = "auto"  # auto (newest checkpoint in output_dir) | none | a checkpoint path
+    # Start from trained weights (HF dir, run dir or checkpoint; e.g. a transplant): their geometry
+    # replaces model.*, optimizer and schedule start fresh. Ignored once the run has its own checkpoint.
+    init_from: Optional[str] = None
     save_every: int = 100
     stop_after_steps: int = 0  # checkpoint and exit after this many steps in one invocation (time-sliced jobs); 0 = off
     keep_checkpoints: int = 2

@@ -296,11 +296,13 @@ def _make_batch(
 
 
 def _to_batch(masked: Dict[str, np.ndarray], ids: np.ndarray, pad_id: int) -> Dict[str, torch.Tensor]:
-    return {
-        "input_ids": torch.from_numpy(masked["input_ids"]),
-        "attention_mask": torch.from_numpy((ids != pad_id).astype(np.int64)),
-        "labels": torch.from_numpy(masked["labels"]),
-    }
+    batch = {"input_ids": torch.from_numpy(masked["input_ids"]), "labels": torch.from_numpy(masked["labels"])}
+    real = ids != pad_id
+    # Packed data has pads only in a split's last sequence. A batch without pads carries no mask, so
+    # attention (BERT's, the hypernetwork's) can take SDPA's flash kernel, which accepts no mask.
+    if not real.all():
+        batch["attention_mask"] = torch.from_numpy(real.astype(np.int64))
+    return batch
 
 
 def _worker_init(_worker_id: int) -> None:

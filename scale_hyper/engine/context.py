@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from scale_hyper.config import RunConfig, to_yaml
-from scale_hyper.engine import checkpoint, ds_config
+from scale_hyper.engine import checkpoint, ds_config, init_from
 from scale_hyper.engine.distributed import DistInfo
 from scale_hyper.engine.flops import peak_flops, train_flops_per_token
 from scale_hyper.engine.progress import log, memory_mb
@@ -97,12 +97,16 @@ class Context:
         from scale_hyper.models import build_model
 
         t = run.train
+        for change in init_from.adopt_geometry(run):  # train.init_from: the weights decide the architecture
+            log(info, f"init_from {t.init_from}: {change}")
         if info.is_main:  # one rank tokenizes; the others wait, then read the manifest
             manifest = ensure_prepared(run.data, seed=t.seed)
         dist.barrier()
         if not info.is_main:
             manifest = ensure_prepared(run.data, seed=t.seed)
         check_vocab(manifest, run.model.vocab_size)
+        if t.init_from:
+            init_from.check_tokenizer(run, manifest)
 
         torch.manual_seed(t.seed)  # identical initial weights on every rank
         model = build_model(run.model, task="mlm")
@@ -111,6 +115,8 @@ class Context:
         ckpt = checkpoint.resolve_resume(t.resume, t.output_dir, info.world_size)
         if ckpt is not None:
             checkpoint.check_world_size(ckpt, info.world_size)
+        elif t.init_from:  # before deepspeed.initialize: ZeRO-3 partitions what is loaded here
+            log(info, f"initialised from {init_from.load_weights(model, t.init_from)}")
         ds = ds_config.build(run, info.world_size, info.device)
         if ckpt is not None and checkpoint.read_state(ckpt).get("universal"):
             ds["checkpoint"] = {"load_universal": True}
@@ -118,6 +124,8 @@ class Context:
             model=model, model_parameters=param_groups(model, t.weight_decay, t.decay_embeddings), config=ds
         )
         resident = keep_resident(engine, model.shared_modules()) if run.deepspeed.hypernet_resident else []
+        if t.compile:  # DeepSpeed's entry point: compiles the module in place, parameter names unchanged
+            engine.compile()
         torch.manual_seed(t.seed + 1000 * info.rank)  # dropout differs across ranks
 
         state: Dict[str, Any] = {}
@@ -142,12 +150,21 @@ class Context:
             info=info,
             engine=engine,
             loader=train_loader(
-                run.data, manifest, seed=t.seed, rank=info.rank, world_size=info.world_size,
-                micro_batch_size=t.micro_batch_size, state=cursor,
+                run.data,
+                manifest,
+                seed=t.seed,
+                rank=info.rank,
+                world_size=info.world_size,
+                micro_batch_size=t.micro_batch_size,
+                state=cursor,
             ),  # fmt: skip
             val_loader=val_loader(
-                run.data, manifest, rank=info.rank, world_size=info.world_size,
-                micro_batch_size=t.micro_batch_size, max_batches=t.eval_batches,
+                run.data,
+                manifest,
+                rank=info.rank,
+                world_size=info.world_size,
+                micro_batch_size=t.micro_batch_size,
+                max_batches=t.eval_batches,
             ),  # fmt: skip
             tracker=tracker,
             start_step=int(state.get("step", 0)),
@@ -229,7 +246,9 @@ class Context:
                 targets = batch["labels"][batch["labels"] != -100]
                 n = targets.numel()
                 correct = (out.logits.argmax(-1) == targets).sum()
-                totals += torch.stack([out.loss.double() * n, correct.double(), torch.tensor(n, dtype=torch.float64, device=device)])
+                totals += torch.stack(
+                    [out.loss.double() * n, correct.double(), torch.tensor(n, dtype=torch.float64, device=device)]
+                )
         dist.all_reduce(totals)
         engine.train()
         n = max(totals[2].item(), 1.0)
@@ -248,7 +267,9 @@ class Context:
             "config_yaml": to_yaml(self.run),
             "data_output": self.run.data.output,
         }
-        ckpt = checkpoint.save(self.engine, self.run.train.output_dir, step, self.info.rank, state, self.run.train.keep_checkpoints)
+        ckpt = checkpoint.save(
+            self.engine, self.run.train.output_dir, step, self.info.rank, state, self.run.train.keep_checkpoints
+        )
         self.last_saved = step
         log(self.info, f"checkpoint saved: {ckpt}")
         return ckpt
@@ -291,7 +312,11 @@ class Context:
 
     # ---------------------------------------------------------------- the end
     def finish(self, step: int) -> str:
-        ckpt = self.save(step) if self.last_saved != step else checkpoint.checkpoint_root(self.run.train.output_dir) / f"step_{step}"
+        ckpt = (
+            self.save(step)
+            if self.last_saved != step
+            else checkpoint.checkpoint_root(self.run.train.output_dir) / f"step_{step}"
+        )
         after = self.evaluate()
         self.record(after, step)
         export_dir = None

@@ -94,7 +94,7 @@ def load_mlm(source: ModelSource) -> torch.nn.Module:
         from scale_hyper.models import build_model
 
         model = build_model(source.run.model, task="mlm")
-        _load_strict(model, checkpoint_state_dict(source), source.path)
+        load_strict(model, checkpoint_state_dict(source), source.path)
         return model.eval()
     from transformers import AutoModelForMaskedLM
 
@@ -103,7 +103,7 @@ def load_mlm(source: ModelSource) -> torch.nn.Module:
     return AutoModelForMaskedLM.from_pretrained(source.path).eval()
 
 
-def _load_strict(model: torch.nn.Module, state: Dict[str, torch.Tensor], where: Path) -> None:
+def load_strict(model: torch.nn.Module, state: Dict[str, torch.Tensor], where: Path) -> None:
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("position_ids")]
     if missing or unexpected:

@@ -17,10 +17,10 @@ at a fixed budget of MIXING parameters, then continue MLM training.
   layer ``map(i)``: ``cycle`` → map(i) = i mod L; ``stretch`` → map(i) = ⌊i·L/N⌋ (each trained
   layer repeated in place). These copies are independent parameters.
 
-Output: a Hugging Face directory (weights, config with num_layers=N, tokenizer, ``transplant.json``
-with the mapping, the sharing and the parameter budget). Shared mixers are stored as copies in the
-safetensors file (the model config has no key for sharing yet); ``load_transplanted`` re-ties them
-from ``transplant.json``. See the module notes in README/docs for continuing training.
+Output: a Hugging Face directory (weights, config with num_layers=N and, for shared mixers,
+``share_mixers``/``share_order``, tokenizer, ``transplant.json`` with the mapping and the parameter
+budget). Because the sharing is part of the model config, ``scale-hyper train
+train.init_from=DIR`` continues training with the mixers still shared: the budget stays fixed.
 """
 
 from __future__ import annotations
@@ -36,24 +36,22 @@ import torch
 from torch import nn
 
 from scale_hyper.evaluation import source as sources
+from scale_hyper.models.encoder import mixer_map
 
 _LAYER_KEY = re.compile(r"^(model\.encoder\.layers\.)(\d+)(\..*)$")
+_SHARED_KEY = re.compile(r"^model\.encoder\.shared_mixers\.(\d+)(\..*)$")
 LAYER_EMB = "model.encoder.hypernet.layer_embeddings.weight"
 
 
 def layer_map(n: int, src_layers: int, order: str = "cycle") -> List[int]:
-    if order == "cycle":
-        return [i % src_layers for i in range(n)]
-    if order == "stretch":
-        return [i * src_layers // n for i in range(n)]
-    raise ValueError(f"order={order!r} is not one of cycle, stretch")
+    return mixer_map(n, src_layers, order)
 
 
 def mixing_parameters(model: nn.Module) -> int:
     """Unique parameters of the token mixing: the shared hypernetwork (if any) + every layer's mixer."""
     encoder = model.model.encoder
     seen: Dict[int, int] = {}
-    modules = ([encoder.hypernet] if encoder.hypernet is not None else []) + [b.mixer for b in encoder.layers]
+    modules = encoder.shared_modules() + [encoder.mixer(i) for i in range(len(encoder.layers))]
     for m in modules:
         for p in m.parameters():
             seen[id(p)] = p.numel()
@@ -62,13 +60,6 @@ def mixing_parameters(model: nn.Module) -> int:
 
 def unique_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())  # parameters() is already deduplicated
-
-
-def share_mixers(model: nn.Module, sharing: Dict[int, int]) -> None:
-    """Make layer i's mixer the very module of layer sharing[i] (ALBERT-style cross-layer sharing)."""
-    layers = model.model.encoder.layers
-    for i, j in sharing.items():
-        layers[int(i)].mixer = layers[int(j)].mixer
 
 
 def _interpolate_rows(rows: torch.Tensor, n: int) -> torch.Tensor:
@@ -97,15 +88,25 @@ def transplant(src_model: nn.Module, layers: int, embeddings: str = "cycle", ord
         raise ValueError(f"--layers {layers} is fewer than the source's {src_layers}")
     mapping = layer_map(layers, src_layers, order)
     torch.manual_seed(seed)  # what stays freshly initialised (fresh layer embeddings) is reproducible
-    new_mc = dataclasses.replace(mc, num_layers=layers)
+    if mc.share_mixers:  # already shared (e.g. a transplant of a transplant): keep its k mixers
+        new_mc = dataclasses.replace(mc, num_layers=layers)
+    elif mc.mixer != "hyperbert" and layers > src_layers:  # ALBERT-style: the L trained mixers, shared
+        new_mc = dataclasses.replace(mc, num_layers=layers, share_mixers=src_layers, share_order=order)
+    else:  # hyperbert: the hypernetwork is already shared; each layer keeps its own output LayerNorm
+        new_mc = dataclasses.replace(mc, num_layers=layers)
     model = build_model(new_mc, task="mlm")
     src_state = src_model.state_dict()
     state = model.state_dict()
     for key in state:
-        m = _LAYER_KEY.match(key)
-        from_key = f"{m[1]}{mapping[int(m[2])]}{m[3]}" if m else key
         if key == LAYER_EMB:
             continue
+        layer_key, shared_key = _LAYER_KEY.match(key), _SHARED_KEY.match(key)
+        if layer_key:
+            from_key = f"{layer_key[1]}{mapping[int(layer_key[2])]}{layer_key[3]}"
+        elif shared_key and not mc.share_mixers:
+            from_key = f"model.encoder.layers.{shared_key[1]}.mixer{shared_key[2]}"
+        else:
+            from_key = key
         if from_key not in src_state:
             raise RuntimeError(f"no source tensor for {key} (looked for {from_key})")
         state[key] = src_state[from_key].clone()
@@ -118,18 +119,12 @@ def transplant(src_model: nn.Module, layers: int, embeddings: str = "cycle", ord
         else:  # fresh: trained rows kept, new rows as initialised
             state[LAYER_EMB][:src_layers] = rows
     model.load_state_dict(state)
-    sharing: Dict[int, int] = {}
-    if mc.mixer != "hyperbert":
-        first = {}
-        for i, s in enumerate(mapping):
-            first.setdefault(s, i)
-            if first[s] != i:
-                sharing[i] = first[s]
-        share_mixers(model, sharing)
+    encoder = model.model.encoder
     info = {
         "source_layers": src_layers, "layers": layers, "mixer": mc.mixer, "order": order,
         "layer_map": mapping, "layer_embeddings": embeddings if mc.mixer == "hyperbert" else None,
-        "shared_mixers": {str(k): v for k, v in sharing.items()},
+        "share_mixers": new_mc.share_mixers, "share_order": new_mc.share_order,
+        "mixer_of_layer": encoder.mixer_of_layer,
         "mixing_params_source": mixing_parameters(src_model), "mixing_params": mixing_parameters(model),
         "total_params_source": unique_parameters(src_model), "total_params": unique_parameters(model),
     }  # fmt: skip
@@ -137,32 +132,13 @@ def transplant(src_model: nn.Module, layers: int, embeddings: str = "cycle", ord
 
 
 def save(model: nn.Module, info: Dict[str, object], out: Path, tokenizer=None) -> Path:
-    """HF directory. Shared mixers are written as copies (the config cannot express sharing)."""
-    import copy
-
+    """HF directory; shared mixers are stored once (the config records the sharing)."""
     out = Path(out)
-    plain = copy.deepcopy(model)  # deepcopy keeps the sharing: untie in the copy only
-    layers = plain.model.encoder.layers
-    for i in info["shared_mixers"]:
-        layers[int(i)].mixer = copy.deepcopy(layers[int(i)].mixer)
-    plain.save_pretrained(out, safe_serialization=True)
+    model.save_pretrained(out, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     (out / "transplant.json").write_text(json.dumps(info, indent=1))
     return out
-
-
-def load_transplanted(path: str | Path) -> nn.Module:
-    """The saved model with its cross-layer mixer sharing restored (parameters of the shared layer)."""
-    from transformers import AutoModelForMaskedLM
-
-    import scale_hyper.models  # noqa: F401
-
-    path = Path(path)
-    model = AutoModelForMaskedLM.from_pretrained(path)
-    info = json.loads((path / "transplant.json").read_text())
-    share_mixers(model, {int(i): int(j) for i, j in info["shared_mixers"].items()})
-    return model
 
 
 def main(src: str, layers: int, out: Optional[str], embeddings: str, order: str, seed: int) -> int:
@@ -186,13 +162,12 @@ def main(src: str, layers: int, out: Optional[str], embeddings: str, order: str,
         f"transplanted {source.path} ({info['source_layers']} layers, {info['mixer']}) -> {out_dir} ({layers} layers)"
     )
     print(f"layer map (new layer -> trained layer): {info['layer_map']}")
-    if info["shared_mixers"]:
-        print(f"mixers shared across layers (new -> owner): {info['shared_mixers']}  (stored as copies; "
-              "load_transplanted() re-ties them)")  # fmt: skip
+    if info["share_mixers"]:
+        print(f"{info['share_mixers']} mixers shared across the {layers} layers ({info['share_order']}): "
+              f"layer -> mixer {info['mixer_of_layer']}")  # fmt: skip
     print(f"mixing parameters: {info['mixing_params_source']:,} -> {info['mixing_params']:,} ({d:+,}); "
           f"total {info['total_params_source']:,} -> {info['total_params']:,}")  # fmt: skip
     data = f" data.output={source.run.data.output}" if source.run is not None else ""
-    print("continue MLM training (needs the train.init_from hook, see docs/experiments.md):")
-    print(f"    scale-hyper train model.mixer={info['mixer']} model.num_layers={layers}{data} train.init_from={out_dir} "
-          f"train.output_dir={out_dir}-run")  # fmt: skip
+    print("continue MLM training (geometry and sharing come from the directory):")
+    print(f"    scale-hyper train{data} train.init_from={out_dir} train.output_dir={out_dir}-run")
     return 0

@@ -51,9 +51,14 @@ class ScaleHyperConfig(PretrainedConfig):
     hyper_decoder: str = "bidirectional"
     tied_weights: bool = False
     mixer_scale: str = "none"
+    mixer_kernel: str = "torch"
     mixer_heads: int = 0
     hyper_input_norm: bool = False
     hyper_position: str = "learned"
+
+    # --- cross-layer sharing ---
+    share_mixers: int = 0
+    share_order: str = "cycle"
 
     # --- hyla ---
     hyla_chunk: int = 128

@@ -24,6 +24,19 @@ MIXER_CLASSES: dict[str, type[nn.Module]] = {
 }
 
 
+def mixer_map(num_layers: int, mixers: int, order: str = "cycle") -> list[int]:
+    """Which of ``mixers`` shared mixers each of ``num_layers`` layers uses.
+
+    cycle: layer i -> i mod k (ALBERT-style repetition of the whole stack);
+    stretch: layer i -> floor(i·k / L) (each mixer repeated in place).
+    """
+    if order == "cycle":
+        return [i % mixers for i in range(num_layers)]
+    if order == "stretch":
+        return [i * mixers // num_layers for i in range(num_layers)]
+    raise ValueError(f"order={order!r} is not one of cycle, stretch")
+
+
 def build_mixer(cfg) -> nn.Module:
     if cfg.mixer not in MIXER_CLASSES:
         raise ValueError(f"model.mixer={cfg.mixer!r} is not one of {', '.join(MIXER_CLASSES)}")
@@ -33,22 +46,29 @@ def build_mixer(cfg) -> nn.Module:
 class EncoderBlock(nn.Module):
     """One layer. Every mixer has the signature ``mixer(x, mask, hypernet=None, layer=0)``."""
 
-    def __init__(self, cfg) -> None:
+    def __init__(self, cfg, own_mixer: bool = True) -> None:
         super().__init__()
         self.pre_norm = cfg.norm_position == "pre"
-        self.mixer = build_mixer(cfg)
+        # Without its own mixer the block is handed one of the encoder's shared mixers per call.
+        self.mixer = build_mixer(cfg) if own_mixer else None
         self.mixer_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.ffn = FeedForward(cfg.hidden_size, cfg.ffn_size)
         self.ffn_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(
-        self, x: torch.Tensor, mask: torch.Tensor | None, hypernet: nn.Module | None = None, layer: int = 0
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None,
+        hypernet: nn.Module | None = None,
+        layer: int = 0,
+        mixer: nn.Module | None = None,
     ) -> torch.Tensor:
+        mixer = mixer if mixer is not None else self.mixer
         if self.pre_norm:
-            x = x + self.dropout(self.mixer(self.mixer_norm(x), mask, hypernet=hypernet, layer=layer))
+            x = x + self.dropout(mixer(self.mixer_norm(x), mask, hypernet=hypernet, layer=layer))
             return x + self.dropout(self.ffn(self.ffn_norm(x)))
-        x = self.mixer_norm(x + self.dropout(self.mixer(x, mask, hypernet=hypernet, layer=layer)))
+        x = self.mixer_norm(x + self.dropout(mixer(x, mask, hypernet=hypernet, layer=layer)))
         return self.ffn_norm(x + self.dropout(self.ffn(x)))
 
 
@@ -60,7 +80,13 @@ class Encoder(nn.Module):
         # Registered here, once: blocks only receive it as an argument, so its parameters appear
         # once in state_dict() and ZeRO-3 sees a single module called L times.
         self.hypernet = HyperNetwork(cfg) if cfg.mixer == "hyperbert" else None
-        self.layers = nn.ModuleList(EncoderBlock(cfg) for _ in range(cfg.num_layers))
+        # model.share_mixers=k: k mixers owned here and shared across the L layers (cross-layer
+        # sharing, e.g. a transplanted model trained at a fixed mixing-parameter budget). Owned by
+        # the encoder like the hypernetwork, so each parameter exists once everywhere.
+        share = getattr(cfg, "share_mixers", 0)
+        self.shared_mixers = nn.ModuleList(build_mixer(cfg) for _ in range(share)) if share else None
+        self.mixer_of_layer = mixer_map(cfg.num_layers, share, getattr(cfg, "share_order", "cycle")) if share else None
+        self.layers = nn.ModuleList(EncoderBlock(cfg, own_mixer=not share) for _ in range(cfg.num_layers))
         self.final_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps) if cfg.norm_position == "pre" else None
         self.activation_checkpointing = False
 
@@ -68,19 +94,28 @@ class Encoder(nn.Module):
         self.activation_checkpointing = bool(enabled)
 
     def shared_modules(self) -> list[nn.Module]:
-        return [self.hypernet] if self.hypernet is not None else []
+        """Modules used by several layers (kept resident under ZeRO-3)."""
+        shared = [self.hypernet] if self.hypernet is not None else []
+        return shared + (list(self.shared_mixers) if self.shared_mixers is not None else [])
+
+    def mixer(self, layer: int) -> nn.Module:
+        """The mixer layer ``layer`` uses (its own, or a shared one)."""
+        if self.shared_mixers is not None:
+            return self.shared_mixers[self.mixer_of_layer[layer]]
+        return self.layers[layer].mixer
 
     def forward(
         self, x: torch.Tensor, mask: torch.Tensor | None, output_hidden_states: bool = False
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
         hidden_states = (x,) if output_hidden_states else None
         for i, block in enumerate(self.layers):
+            shared = self.shared_mixers[self.mixer_of_layer[i]] if self.shared_mixers is not None else None
             if self.activation_checkpointing and torch.is_grad_enabled():
                 # Non-reentrant only: the reentrant variant breaks the shared hypernetwork's
                 # gradients under ZeRO-2/3 (it is reached from several checkpointed regions).
-                x = checkpoint(block, x, mask, self.hypernet, i, use_reentrant=False)
+                x = checkpoint(block, x, mask, self.hypernet, i, shared, use_reentrant=False)
             else:
-                x = block(x, mask, hypernet=self.hypernet, layer=i)
+                x = block(x, mask, hypernet=self.hypernet, layer=i, mixer=shared)
             if output_hidden_states:
                 hidden_states = hidden_states + (x,)
         if self.final_norm is not None:

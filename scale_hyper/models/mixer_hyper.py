@@ -130,6 +130,7 @@ class HyperBertMixer(nn.Module):
         self.heads = cfg.effective_mixer_heads
         self.activation = cfg.hyper_mlp == "mlp"
         self.scale = cfg.mixer_scale
+        self.kernel = getattr(cfg, "mixer_kernel", "torch")
         self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
     def forward(
@@ -138,5 +139,5 @@ class HyperBertMixer(nn.Module):
         if hypernet is None:
             raise ValueError("the hyperbert mixer needs the encoder's shared hypernetwork (hypernet=...)")
         w1, w2 = hypernet(x, layer, mask)
-        y = hyper_mixing(x, w1, w2, self.heads, mask, activation=self.activation, scale=self.scale)
+        y = hyper_mixing(x, w1, w2, self.heads, mask, activation=self.activation, scale=self.scale, kernel=self.kernel)
         return self.norm(y)

@@ -37,6 +37,7 @@ class HyperMixerMixer(nn.Module):
         super().__init__()
         self.heads = cfg.effective_mixer_heads
         self.scale = cfg.mixer_scale
+        self.kernel = getattr(cfg, "mixer_kernel", "torch")
         group = cfg.hidden_size // self.heads
         width = cfg.mixer_width // self.heads
         self.w1_net = HeadwiseMLP(self.heads, group, group, width)
@@ -52,5 +53,5 @@ class HyperMixerMixer(nn.Module):
         hyper_in = hyper_in.view(b, n, self.heads, d // self.heads)
         w1 = self.w1_net(hyper_in).reshape(b, n, -1)
         w2 = w1 if self.w2_net is None else self.w2_net(hyper_in).reshape(b, n, -1)
-        y = hyper_mixing(x, w1, w2, self.heads, mask, activation=True, scale=self.scale)
+        y = hyper_mixing(x, w1, w2, self.heads, mask, activation=True, scale=self.scale, kernel=self.kernel)
         return self.norm(y)

@@ -40,9 +40,14 @@ class ModelConfig:
     hyper_decoder: str = "bidirectional"  # O3: bidirectional | causal | cross
     tied_weights: bool = False  # O5: W2 = W1 (hyperbert and hypermixer)
     mixer_scale: str = "none"  # O6: none | sqrt (1/√N) | mean (1/N) scaling of W1ᵀX
+    mixer_kernel: str = "torch"  # torch (reference) | triton (fused kernel, CUDA; falls back to torch elsewhere) | auto (triton on CUDA when installed)
     mixer_heads: int = 0  # O7: 0 = num_heads
     hyper_input_norm: bool = False  # O8: feed LN(x_l) instead of x_l
     hyper_position: str = "learned"  # O8: learned | sinusoidal | rotary
+
+    # --- cross-layer sharing (any mixer) ---
+    share_mixers: int = 0  # 0 = each layer its own mixer; k = k mixers shared by the L layers
+    share_order: str = "cycle"  # cycle (layer i uses mixer i mod k) | stretch (mixer floor(i*k/L))
 
     # --- hyla ---
     hyla_chunk: int = 128  # queries per chunk: bounds memory at O(chunk·N·d/H)
@@ -56,7 +61,9 @@ class ModelConfig:
             "hyper_mlp": ("mlp", "linear"),
             "hyper_decoder": ("bidirectional", "causal", "cross"),
             "mixer_scale": ("none", "sqrt", "mean"),
+            "mixer_kernel": ("torch", "triton", "auto"),
             "hyper_position": ("learned", "sinusoidal", "rotary"),
+            "share_order": ("cycle", "stretch"),
         }
         for name, allowed in choices.items():
             value = getattr(self, name)
@@ -72,6 +79,10 @@ class ModelConfig:
             raise ValueError(
                 f"model.hidden_size={self.hidden_size} and model.mixer_width={self.mixer_width} "
                 f"must be divisible by the mixer heads ({heads})"
+            )
+        if not 0 <= self.share_mixers <= self.num_layers:
+            raise ValueError(
+                f"model.share_mixers={self.share_mixers} must be between 0 (no sharing) and model.num_layers={self.num_layers}"
             )
         if self.mixer == "hyperbert" and self.hyper_width % self.hyper_heads:
             raise ValueError(

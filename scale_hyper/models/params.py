@@ -19,7 +19,7 @@ def component_of(name: str) -> str:
         return "hypernetwork"
     if "embeddings" in parts:
         return "embeddings"
-    if "mixer" in parts or "mixer_norm" in parts:
+    if "mixer" in parts or "shared_mixers" in parts or "mixer_norm" in parts:
         return "mixers"
     # Pre-LN's final LayerNorm normalises the last FFN's residual stream: counted with the FFNs.
     if "ffn" in parts or "ffn_norm" in parts or "final_norm" in parts:

@@ -1,0 +1,347 @@
+"""Fused Triton HyperMixing, ``Y_k = W2_k · act(W1_kᵀ X_k)``, with a hand-written backward.
+
+Same maths as the reference ``scale_hyper.models.hypermixing.hyper_mixing``. x [B, N, d] and
+w1/w2 [B, N, d'] are read in place as [B, N, H, c] / [B, N, H, p] (c = d/H, p = d'/H) through
+their batch and token strides: no permute, no copy. The only intermediate per (batch, head) is the
+p×c matrix ``Hpre = W1ᵀX``, kept in fp32.
+
+    forward   _reduce_fwd  grid (B·H)            Hpre = W1ᵀX over all N (fp32 accumulate), ÷ divisor,
+                                                  stores Hpre (fp32) and G = gelu(Hpre) (input dtype)
+              _expand_fwd  grid (⌈N/BLOCK_N⌉, B·H)  Y = W2·G for one BLOCK_N × c tile
+    backward  _reduce_bwd  grid (B·H)            dHpre = (W2ᵀdY) · gelu'(Hpre) ÷ divisor (fp32)
+              _expand_bwd  grid (⌈N/BLOCK_N⌉, B·H)  dW2 = dY·Gᵀ, dW1 = X·dHpreᵀ, dX = W1·dHpre
+
+Pad tokens are handled outside the kernels: x, w1, w2 are multiplied by the mask first (as in the
+reference), so pads contribute nothing, receive zero output, and autograd of that multiply zeroes
+their gradients.
+
+Triton is optional: without it this module still imports, ``triton_available()`` is False and
+``hyper_mixing_fused`` runs the reference. Kernels are wrapped by ``triton.jit`` on first use, once
+per mode, because ``triton.jit`` decides at wrapping time between a compiled kernel and the CPU
+interpreter (``TRITON_INTERPRET=1``); that lets tests turn the interpreter on after import. The
+kernel bodies use only Triton builtins (no ``tl.zeros``/``tl.cdiv``, which are themselves jitted
+library functions frozen in compiled mode when ``triton`` was imported before the variable was set).
+"""
+
+import os
+from types import SimpleNamespace
+
+import torch
+
+from scale_hyper.models.hypermixing import hyper_mixing as _reference
+from scale_hyper.models.layers import real_token_count
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the reference path is used
+    triton = None
+    tl = None
+
+BLOCK_N = 64  # tokens per tile (a tl.dot dimension: a power of two >= 16)
+MIN_DIM, MAX_DIM = 16, 128  # tl.dot needs >= 16; a p×c fp32 tile above 128×128 would spill registers
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+SCALES = ("none", "sqrt", "mean")
+
+
+def triton_available() -> bool:
+    return triton is not None
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
+    if triton is None:
+        return False
+    knobs = getattr(triton, "knobs", None)
+    if knobs is not None:
+        return bool(knobs.runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+if triton is not None:
+    # Shared argument names: P = d'/H, C = d/H (constexpr); s_*b / s_*n = batch / token strides of
+    # the [B, N, ·] tensors (last stride 1); program (b, h) = pid // H, pid % H; Hpre-shaped
+    # [B, H, P, C] buffers are contiguous. PREC: tl.dot input precision for fp32 operands. WIDEN:
+    # widen 16-bit dot operands to fp32 first, only in the interpreter, whose bf16 tl.dot multiplies
+    # the raw bit patterns (triton 3.9, triton-lang/triton#11584); exact products + fp32 sum, the
+    # same maths as the GPU's bf16 MMA.
+
+    def _reduce_fwd(
+        w1_ptr, x_ptr, div_ptr, hpre_ptr, g_ptr,
+        N, H, s_w1b, s_w1n, s_xb, s_xn,
+        P: tl.constexpr, C: tl.constexpr, BLOCK_N: tl.constexpr,
+        ACT: tl.constexpr, SCALE: tl.constexpr, PREC: tl.constexpr, WIDEN: tl.constexpr,
+    ):  # fmt: skip
+        pid = tl.program_id(0)
+        b = (pid // H).to(tl.int64)
+        h = pid % H
+        rn = tl.arange(0, BLOCK_N)
+        rp = tl.arange(0, P)
+        rc = tl.arange(0, C)
+        w1_cols = w1_ptr + b * s_w1b + h * P + rp[None, :]
+        x_cols = x_ptr + b * s_xb + h * C + rc[None, :]
+        acc = tl.full((P, C), 0.0, tl.float32)
+        for start in range(0, N, BLOCK_N):
+            tok = start + rn
+            live = tok[:, None] < N
+            w1 = tl.load(w1_cols + tok[:, None] * s_w1n, mask=live, other=0.0)
+            x = tl.load(x_cols + tok[:, None] * s_xn, mask=live, other=0.0)
+            if WIDEN:
+                w1, x = w1.to(tl.float32), x.to(tl.float32)
+            acc += tl.dot(tl.trans(w1), x, input_precision=PREC)
+        if SCALE:
+            acc = acc / tl.load(div_ptr + b)
+        tile = pid.to(tl.int64) * (P * C) + rp[:, None] * C + rc[None, :]
+        tl.store(hpre_ptr + tile, acc)
+        if ACT:  # exact (erf) GELU, as F.gelu
+            acc = 0.5 * acc * (1.0 + tl.math.erf(acc * 0.7071067811865476))
+        tl.store(g_ptr + tile, acc.to(g_ptr.dtype.element_ty))
+
+    def _expand_fwd(
+        w2_ptr, g_ptr, y_ptr,
+        N, H, s_w2b, s_w2n, s_yb, s_yn,
+        P: tl.constexpr, C: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr, WIDEN: tl.constexpr,
+    ):  # fmt: skip
+        pid = tl.program_id(1)
+        b = (pid // H).to(tl.int64)
+        h = pid % H
+        tok = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        live = tok[:, None] < N
+        rp = tl.arange(0, P)
+        rc = tl.arange(0, C)
+        g = tl.load(g_ptr + pid.to(tl.int64) * (P * C) + rp[:, None] * C + rc[None, :])
+        w2 = tl.load(w2_ptr + b * s_w2b + h * P + tok[:, None] * s_w2n + rp[None, :], mask=live, other=0.0)
+        if WIDEN:
+            w2, g = w2.to(tl.float32), g.to(tl.float32)
+        y = tl.dot(w2, g, input_precision=PREC)
+        tl.store(y_ptr + b * s_yb + h * C + tok[:, None] * s_yn + rc[None, :], y.to(y_ptr.dtype.element_ty), mask=live)
+
+    def _reduce_bwd(
+        w2_ptr, dy_ptr, hpre_ptr, div_ptr, dh_ptr,
+        N, H, s_w2b, s_w2n, s_dyb, s_dyn,
+        P: tl.constexpr, C: tl.constexpr, BLOCK_N: tl.constexpr,
+        ACT: tl.constexpr, SCALE: tl.constexpr, PREC: tl.constexpr, WIDEN: tl.constexpr,
+    ):  # fmt: skip
+        pid = tl.program_id(0)
+        b = (pid // H).to(tl.int64)
+        h = pid % H
+        rn = tl.arange(0, BLOCK_N)
+        rp = tl.arange(0, P)
+        rc = tl.arange(0, C)
+        w2_cols = w2_ptr + b * s_w2b + h * P + rp[None, :]
+        dy_cols = dy_ptr + b * s_dyb + h * C + rc[None, :]
+        acc = tl.full((P, C), 0.0, tl.float32)  # dG = W2ᵀ dY
+        for start in range(0, N, BLOCK_N):
+            tok = start + rn
+            live = tok[:, None] < N
+            w2 = tl.load(w2_cols + tok[:, None] * s_w2n, mask=live, other=0.0)
+            dy = tl.load(dy_cols + tok[:, None] * s_dyn, mask=live, other=0.0)
+            if WIDEN:
+                w2, dy = w2.to(tl.float32), dy.to(tl.float32)
+            acc += tl.dot(tl.trans(w2), dy, input_precision=PREC)
+        tile = pid.to(tl.int64) * (P * C) + rp[:, None] * C + rc[None, :]
+        if ACT:  # gelu'(h) = Φ(h) + h·φ(h)
+            hpre = tl.load(hpre_ptr + tile)
+            cdf = 0.5 * (1.0 + tl.math.erf(hpre * 0.7071067811865476))
+            pdf = tl.exp(-0.5 * hpre * hpre) * 0.3989422804014327
+            acc = acc * (cdf + hpre * pdf)
+        if SCALE:
+            acc = acc / tl.load(div_ptr + b)
+        tl.store(dh_ptr + tile, acc)
+
+    def _expand_bwd(
+        x_ptr, w1_ptr, dy_ptr, g_ptr, dh_ptr, dx_ptr, dw1_ptr, dw2_ptr,
+        N, H, s_xb, s_xn, s_w1b, s_w1n, s_dyb, s_dyn,
+        P: tl.constexpr, C: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr, WIDEN: tl.constexpr,
+    ):  # fmt: skip
+        # dx [B, N, H·C] and dw1/dw2 [B, N, H·P] are fresh contiguous tensors.
+        pid = tl.program_id(1)
+        b = (pid // H).to(tl.int64)
+        h = pid % H
+        tok = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        live = tok[:, None] < N
+        rp = tl.arange(0, P)
+        rc = tl.arange(0, C)
+        tile = pid.to(tl.int64) * (P * C) + rp[:, None] * C + rc[None, :]
+        g = tl.load(g_ptr + tile)
+        dh = tl.load(dh_ptr + tile)
+        dy = tl.load(dy_ptr + b * s_dyb + h * C + tok[:, None] * s_dyn + rc[None, :], mask=live, other=0.0)
+        x = tl.load(x_ptr + b * s_xb + h * C + tok[:, None] * s_xn + rc[None, :], mask=live, other=0.0)
+        w1 = tl.load(w1_ptr + b * s_w1b + h * P + tok[:, None] * s_w1n + rp[None, :], mask=live, other=0.0)
+        if WIDEN:
+            dy, g = dy.to(tl.float32), g.to(tl.float32)
+        dw2 = tl.dot(dy, tl.trans(g), input_precision=PREC)
+        # dHpre stays fp32 (as in the reference backward): X and W1 are widened to meet it.
+        dw1 = tl.dot(x.to(tl.float32), tl.trans(dh), input_precision=PREC)
+        dx = tl.dot(w1.to(tl.float32), dh, input_precision=PREC)
+        p_out = b * N * (H * P) + tok[:, None] * (H * P) + h * P + rp[None, :]
+        c_out = b * N * (H * C) + tok[:, None] * (H * C) + h * C + rc[None, :]
+        tl.store(dw2_ptr + p_out, dw2.to(dw2_ptr.dtype.element_ty), mask=live)
+        tl.store(dw1_ptr + p_out, dw1.to(dw1_ptr.dtype.element_ty), mask=live)
+        tl.store(dx_ptr + c_out, dx.to(dx_ptr.dtype.element_ty), mask=live)
+
+
+_JITTED: dict = {}  # interpreting() -> the four kernels wrapped by triton.jit in that mode
+
+
+def _kernels() -> SimpleNamespace:
+    mode = interpreting()
+    if mode not in _JITTED:
+        fns = (_reduce_fwd, _expand_fwd, _reduce_bwd, _expand_bwd)
+        _JITTED[mode] = SimpleNamespace(**{fn.__name__.lstrip("_"): triton.jit(fn) for fn in fns})
+    return _JITTED[mode]
+
+
+def _constants(p: int, c: int, block_n: int, dtype: torch.dtype) -> dict:
+    # PREC: an fp32 model gets exact fp32 products, like the reference. A 16-bit model's operands
+    # are exact in tf32; only the fp32 dHpre of the backward is rounded to tf32 (10-bit mantissa).
+    return dict(
+        P=p,
+        C=c,
+        BLOCK_N=block_n,
+        PREC="ieee" if dtype == torch.float32 else "tf32",
+        WIDEN=dtype == torch.bfloat16 and interpreting(),
+    )
+
+
+def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+class FusedHyperMixing(torch.autograd.Function):
+    """``Y = W2·act(W1ᵀX ÷ divisor)`` per (batch, head) on already-masked x, w1, w2 (same dtype).
+
+    divisor: fp32 [B] or None. Returns y [B, N, d] in the input dtype.
+    """
+
+    @staticmethod
+    def forward(ctx, x, w1, w2, divisor, heads, activation, block_n):
+        x, w1, w2 = (_last_dim_contiguous(t) for t in (x, w1, w2))
+        b, n, d = x.shape
+        c, p = d // heads, w1.shape[-1] // heads
+        hpre = x.new_empty((b, heads, p, c), dtype=torch.float32)
+        g = x.new_empty((b, heads, p, c))
+        y = x.new_empty((b, n, d))
+        scaled = divisor is not None
+        kernels, consts = _kernels(), _constants(p, c, block_n, x.dtype)
+        kernels.reduce_fwd[(b * heads,)](
+            w1, x, divisor if scaled else hpre, hpre, g,
+            n, heads, w1.stride(0), w1.stride(1), x.stride(0), x.stride(1),
+            ACT=bool(activation), SCALE=scaled, **consts,
+        )  # fmt: skip
+        kernels.expand_fwd[(triton.cdiv(n, block_n), b * heads)](
+            w2, g, y, n, heads, w2.stride(0), w2.stride(1), y.stride(0), y.stride(1), **consts
+        )
+        ctx.save_for_backward(x, w1, w2, hpre, g, divisor)
+        ctx.heads, ctx.activation, ctx.block_n = heads, bool(activation), block_n
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w1, w2, hpre, g, divisor = ctx.saved_tensors
+        heads, block_n = ctx.heads, ctx.block_n
+        dy = _last_dim_contiguous(dy)
+        b, n, d = x.shape
+        c, p = d // heads, w1.shape[-1] // heads
+        dh = torch.empty_like(hpre)
+        dx = x.new_empty((b, n, d))
+        dw1 = w1.new_empty((b, n, heads * p))
+        dw2 = w1.new_empty((b, n, heads * p))
+        scaled = divisor is not None
+        kernels, consts = _kernels(), _constants(p, c, block_n, x.dtype)
+        kernels.reduce_bwd[(b * heads,)](
+            w2, dy, hpre, divisor if scaled else hpre, dh,
+            n, heads, w2.stride(0), w2.stride(1), dy.stride(0), dy.stride(1),
+            ACT=ctx.activation, SCALE=scaled, **consts,
+        )  # fmt: skip
+        kernels.expand_bwd[(triton.cdiv(n, block_n), b * heads)](
+            x, w1, dy, g, dh, dx, dw1, dw2,
+            n, heads, x.stride(0), x.stride(1), w1.stride(0), w1.stride(1), dy.stride(0), dy.stride(1),
+            **consts,
+        )  # fmt: skip
+        return dx, dw1, dw2, None, None, None, None
+
+
+def _compute_dtype(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch.dtype | None:
+    """Autocast's dtype when autocast is on (a matmul's inputs are cast to it), else the common dtype."""
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return x.dtype if x.dtype == w1.dtype == w2.dtype else None
+
+
+def _usable_dim(size: int) -> bool:
+    return MIN_DIM <= size <= MAX_DIM and size & (size - 1) == 0
+
+
+def unsupported_reason(
+    x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, heads: int, block_n: int = BLOCK_N
+) -> str | None:
+    """Why the fused kernel cannot run on these inputs, or None when it can."""
+    if triton is None:
+        return "triton is not installed"
+    if not (x.is_cuda or interpreting()):
+        return f"tensors are on {x.device.type}; the kernel needs CUDA (or TRITON_INTERPRET=1)"
+    if x.dim() != 3 or w1.dim() != 3 or w1.shape != w2.shape or w1.shape[:2] != x.shape[:2]:
+        return f"shapes x {tuple(x.shape)}, w1 {tuple(w1.shape)}, w2 {tuple(w2.shape)} are not [B, N, d], [B, N, d'] ×2"
+    if not x.device == w1.device == w2.device:
+        return "x, w1 and w2 are on different devices"
+    if x.numel() == 0 or w1.numel() == 0:
+        return "empty input"
+    d, width = x.shape[-1], w1.shape[-1]
+    if heads <= 0 or d % heads or width % heads:
+        return f"d={d} and d'={width} are not divisible by heads={heads}"
+    for name, size in (("d/H", d // heads), ("d'/H", width // heads), ("BLOCK_N", block_n)):
+        if not _usable_dim(size):
+            return f"{name}={size} is not a power of two in [{MIN_DIM}, {MAX_DIM}]"
+    dtype = _compute_dtype(x, w1, w2)
+    if dtype is None:
+        return f"mixed dtypes outside autocast (x {x.dtype}, w1 {w1.dtype}, w2 {w2.dtype})"
+    if dtype not in DTYPES:
+        return f"dtype {dtype} is not float32, float16 or bfloat16"
+    return None
+
+
+def fused_hyper_mixing(
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    w2: torch.Tensor,
+    heads: int,
+    mask: torch.Tensor | None = None,
+    activation: bool = True,
+    scale: str = "none",
+    *,
+    block_n: int = BLOCK_N,
+) -> torch.Tensor:
+    """The fused path only (no fallback): raises ValueError where ``unsupported_reason`` says why."""
+    reason = unsupported_reason(x, w1, w2, heads, block_n)
+    if reason is not None:
+        raise ValueError(f"fused HyperMixing cannot run: {reason}")
+    if scale not in SCALES:
+        raise ValueError(f"scale={scale!r} is not one of {', '.join(SCALES)}")
+    dtype = _compute_dtype(x, w1, w2)
+    x, w1, w2 = x.to(dtype), w1.to(dtype), w2.to(dtype)
+    if mask is not None:
+        keep = mask[..., None].to(dtype)
+        x, w1, w2 = x * keep, w1 * keep, w2 * keep
+    divisor = None
+    if scale != "none":
+        b, n, _ = x.shape
+        count = real_token_count(mask, b, n, x.device, torch.float32)
+        divisor = (count.sqrt() if scale == "sqrt" else count).contiguous()
+    return FusedHyperMixing.apply(x, w1, w2, divisor, heads, activation, block_n)
+
+
+def hyper_mixing_fused(
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    w2: torch.Tensor,
+    heads: int,
+    mask: torch.Tensor | None = None,
+    activation: bool = True,
+    scale: str = "none",
+) -> torch.Tensor:
+    """Drop-in for ``hyper_mixing``: the fused kernel where it can run, else the reference path."""
+    if unsupported_reason(x, w1, w2, heads) is None:
+        return fused_hyper_mixing(x, w1, w2, heads, mask, activation, scale)
+    return _reference(x, w1, w2, heads, mask, activation=activation, scale=scale)
