@@ -22,6 +22,7 @@ What is swept (the CLI hands over only the RunConfig, and no schema field is add
       steps // 4, at least 1), SCALE_HYPER_BENCH_JSON (also write the rows as JSON to this path).
   * taken from the config: train.device (auto | cpu | cuda), deepspeed.precision (auto = bf16 on a
     bf16 GPU, else fp32), train.compile (CUDA only: adds a `torch.compile`d row per mixer),
+    and on CUDA with Triton installed a "+triton" row (model.mixer_kernel=triton) for hyperbert and hypermixer,
     data.mask_prob, train.lr / adam_betas / adam_eps / weight_decay, train.seed.
 
 Analytic MFU = `flops.train_flops_per_token(model, seq_len, mask_prob) × tokens/s / peak_flops`,
@@ -118,6 +119,14 @@ def mfu(mc: ModelConfig, seq_len: int, tokens_per_s: float, peak: Optional[float
     if not peak:
         return None
     return train_flops_per_token(mc, seq_len, mask_prob) * tokens_per_s / peak
+
+
+def _fused_kernel_runs(device: torch.device) -> bool:
+    if device.type != "cuda":
+        return False
+    from scale_hyper.kernels import triton_available
+
+    return triton_available()
 
 
 def model_config(mixer: str, size: str, seq_len: int) -> ModelConfig:
@@ -263,12 +272,13 @@ def run_bench(run: RunConfig, plan: Optional[Plan] = None, log=print) -> tuple[L
     compile_too = run.train.compile and device.type == "cuda"
     mask_prob = run.data.mask_prob
     rows: List[Row] = []
-    variants = (
-        [(m, False) for m in plan.mixers] + ([(m, True) for m in plan.mixers] if compile_too else []) + [(HF, False)]
-    )
+    # The fused Triton mixer (model.mixer_kernel=triton) gets its own rows where it can run.
+    fused = [m for m in plan.mixers if m in ("hyperbert", "hypermixer")] if _fused_kernel_runs(device) else []
+    eager = [(m, False, "torch") for m in plan.mixers] + [(m, False, "triton") for m in fused]
+    variants = eager + ([(m, True, k) for m, _, k in eager] if compile_too else []) + [(HF, False, "torch")]
     for size in plan.sizes:
-        for name, compiled in variants:
-            label = f"{name}+compile" if compiled else name
+        for name, compiled, kernel in variants:
+            label = name + ("+triton" if kernel == "triton" else "") + ("+compile" if compiled else "")
             dead = False
             for seq_len in plan.seq_lens[size]:
                 batch_size = max(1, plan.tokens_per_step // seq_len)
@@ -278,6 +288,7 @@ def run_bench(run: RunConfig, plan: Optional[Plan] = None, log=print) -> tuple[L
                     row.status = "skipped"
                     continue
                 mc = model_config("bert" if name == HF else name, size, seq_len)
+                mc.mixer_kernel = kernel
                 build = (lambda mc=mc: hf_bert(mc)) if name == HF else (lambda mc=mc: build_model(mc, task="mlm"))
                 batch = synthetic_batch(mc, batch_size, seq_len, mask_prob, device, run.train.seed)
                 try:

@@ -63,7 +63,7 @@ if triton is not None:
     # the [B, N, ·] tensors (last stride 1); program (b, h) = pid // H, pid % H; Hpre-shaped
     # [B, H, P, C] buffers are contiguous. PREC: tl.dot input precision for fp32 operands. WIDEN:
     # widen 16-bit dot operands to fp32 first, only in the interpreter, whose bf16 tl.dot multiplies
-    # the raw bit patterns (triton 3.9, triton-lang/triton#11584); exact products + fp32 sum, the
+    # the raw bit patterns (observed with triton 3.9 here); exact products + fp32 sum, the
     # same maths as the GPU's bf16 MMA.
 
     def _reduce_fwd(
