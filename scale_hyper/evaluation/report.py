@@ -2,7 +2,8 @@
 from MLflow runs.
 
 Each argument is a run id or an experiment name (all its runs). Writes, under ``--out``:
-``val_loss_vs_tokens.png``, ``val_loss_vs_time.png`` (one line per run, one colour per mixer) and
+``val_loss_vs_tokens.png``, ``val_loss_vs_time.png`` (one line per run, one colour per mixer, runs of
+one mixer told apart by line style) and
 ``report.md`` (mixer, parameters, tokens seen, final validation loss, mean tokens/s, GLUE average
 when a ``glue`` evaluation logged ``glue_avg`` into the run). Tokens = step × global batch × seq_len
 (global batch 0 means micro × world size); wall-clock = metric timestamp − run start.
@@ -98,6 +99,10 @@ def summarise(client, run) -> Dict[str, object]:
     }
 
 
+LINESTYLES = ("-", "--", ":", "-.")
+MARKERS = ("o", "s", "^", "D", "v")
+
+
 def plot(rows: List[Dict[str, object]], out: Path) -> List[Path]:
     import matplotlib
 
@@ -108,10 +113,13 @@ def plot(rows: List[Dict[str, object]], out: Path) -> List[Path]:
     for x_key, x_label, name in (("tokens", "tokens seen", "val_loss_vs_tokens.png"),
                                  ("seconds", "wall-clock (s since run start)", "val_loss_vs_time.png")):  # fmt: skip
         fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
+        seen_of_mixer: Dict[object, int] = {}
         for r in rows:
             if r["val_loss"]:
-                ax.plot(r[x_key], r["val_loss"], marker="o", markersize=3, color=MIXER_COLOURS.get(r["mixer"]),
-                        label=f"{r['mixer']}: {r['name']}")  # fmt: skip
+                # colour = mixer; several runs of one mixer are told apart by line style and marker
+                k = seen_of_mixer[r["mixer"]] = seen_of_mixer.get(r["mixer"], -1) + 1
+                ax.plot(r[x_key], r["val_loss"], color=MIXER_COLOURS.get(r["mixer"]), label=f"{r['mixer']}: {r['name']}",
+                        linestyle=LINESTYLES[k % len(LINESTYLES)], marker=MARKERS[k % len(MARKERS)], markersize=3)  # fmt: skip
         ax.set_xlabel(x_label)
         ax.set_ylabel("validation MLM loss")
         ax.grid(alpha=0.3)
