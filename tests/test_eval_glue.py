@@ -96,6 +96,34 @@ def test_tsv_reader_parses_glue_layouts(tmp_path, glue_dir):
     assert [y for _, y in glue.read_tsv(glue.TASKS["rte"], tmp_path / "rte.tsv")] == [1.0, 0.0]
 
 
+def test_hub_path_gives_what_the_tsv_path_gives(tmp_path, monkeypatch):
+    """The `datasets` path (nyu-mll/glue), with the Hub replaced by an in-memory DatasetDict in its
+    schema, because the Hub cannot be reached here: same texts and label ids as GLUE's TSV files."""
+    import datasets
+
+    premises, hypotheses, gold = ["a cat sat", "it rains", "x is y"], ["a cat", "it is dry", "y is x"], [0, 2, 1]
+    names = ["entailment", "neutral", "contradiction"]  # the Hub's ClassLabel for MNLI
+    features = datasets.Features({"premise": datasets.Value("string"), "hypothesis": datasets.Value("string"),
+                                  "label": datasets.ClassLabel(names=names), "idx": datasets.Value("int32")})  # fmt: skip
+    split = datasets.Dataset.from_dict(
+        {"premise": premises, "hypothesis": hypotheses, "label": gold, "idx": [0, 1, 2]}, features=features
+    )
+    unlabeled = datasets.Dataset.from_dict(
+        {"premise": ["p"], "hypothesis": ["h"], "label": [-1], "idx": [0]}, features=features
+    )  # test splits carry label -1
+    hub = datasets.DatasetDict({"train": split, "validation_matched": split, "validation_mismatched": unlabeled})
+    calls = []
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: calls.append(a) or hub)
+    train, devs = glue.load_task(glue.TASKS["mnli"], None)
+    assert calls == [("nyu-mll/glue", "mnli")]
+    (tmp_path / "MNLI").mkdir()
+    rows = zip(premises, hypotheses, gold, strict=True)
+    tsv = ["sentence1\tsentence2\tgold_label"] + [f"{p}\t{h}\t{names[g]}" for p, h, g in rows]
+    (tmp_path / "MNLI" / "train.tsv").write_text("\n".join(tsv) + "\n")
+    assert train == glue.read_tsv(glue.TASKS["mnli"], tmp_path / "MNLI" / "train.tsv")
+    assert devs["m"] == train and devs["mm"] == []
+
+
 def test_protocol_median_over_seeds_best_lr():
     task = glue.TASKS["sst2"]
     runs = [

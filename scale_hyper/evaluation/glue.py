@@ -173,8 +173,14 @@ def load_task(task: Task, glue_dir: Optional[str]) -> Tuple[List[Example], Dict[
             "offline, set eval.glue_dir to a directory in GLUE's TSV layout (SST-2/train.tsv, SST-2/dev.tsv, ...)"
         ) from None
 
+    # A ClassLabel is mapped by name, so the ids agree with the TSV path whatever order the Hub uses.
+    names = getattr(ds["train"].features.get("label"), "names", None) if task.labels else None
+
+    def label(value) -> float:
+        return float(task.labels.index(names[value])) if names else float(value)
+
     def rows(split: str) -> List[Example]:
-        return [(tuple(r[c] for c in task.hf_columns), float(r["label"])) for r in ds[split]]
+        return [(tuple(r[c] for c in task.hf_columns), label(r["label"])) for r in ds[split] if r["label"] != -1]
 
     return rows("train"), {name: rows(hf) for name, _, hf in task.dev_splits}
 
