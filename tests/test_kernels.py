@@ -75,13 +75,18 @@ SHAPES = [(2, 16, 32), (3, 32, 16)]
 @pytest.mark.parametrize("scale", ["none", "sqrt", "mean"])
 @pytest.mark.parametrize("masked", [False, True])
 def test_forward_and_backward_match_reference(kernels, heads, c, p, activation, scale, masked):
-    b, n = 3, 37  # N: three BLOCK_N=16 tiles, the last one partial
+    # N=37: three BLOCK_N=16 tiles, the last one partial
+    check_against_reference(kernels, 3, 37, heads, c, p, activation, scale, masked)
+
+
+def check_against_reference(kernels, b, n, heads, c, p, activation, scale, masked, split=None):
+    """y, dx, dw1, dw2 of the fused path (BLOCK_N=16) against the reference, fp32, to 1e-4."""
     tensors = inputs(b, n, heads, c, p)
     mask = padding_mask(b, n) if masked else None
     dy = torch.randn(b, n, heads * c, generator=torch.Generator().manual_seed(1)).to(DEVICE)
 
     def fused(x, w1, w2):
-        return kernels.fused_hyper_mixing(x, w1, w2, heads, mask, activation, scale, block_n=16)
+        return kernels.fused_hyper_mixing(x, w1, w2, heads, mask, activation, scale, block_n=16, split=split)
 
     def reference(x, w1, w2):
         return hyper_mixing(x, w1, w2, heads, mask, activation=activation, scale=scale)
@@ -92,6 +97,71 @@ def test_forward_and_backward_match_reference(kernels, heads, c, p, activation, 
         assert rel_err(g, w) < 1e-4, (name, rel_err(g, w))
         if masked:  # pads get zero output and zero gradients (the reference's too)
             assert g.masked_select(~mask[..., None]).abs().max() == 0, name
+
+
+@pytest.mark.parametrize("split", [2, 3])
+@pytest.mark.parametrize("activation", [True, False])
+@pytest.mark.parametrize("masked", [False, True])
+def test_split_reductions_match_reference(kernels, monkeypatch, split, activation, masked):
+    """Forced SPLIT on N=50 = 4 tiles of 16: chunk 32 tokens, so splits [0, 32), [32, 50) (ends
+    mid-tile) and, for SPLIT=3, an empty [64, 50). Each partial holds exactly its token range."""
+    heads, c, p, b, n, chunk = 2, 16, 32, 3, 50, 32
+    partials = {}  # the [B, H, SPLIT, p, c] buffers each epilogue receives
+
+    def spy(name):
+        finish = getattr(kernels, name)
+
+        def record(part, *args):
+            partials[name] = part.clone()
+            return finish(part, *args)
+
+        return record
+
+    for name in ("_finish_fwd", "_finish_bwd"):
+        monkeypatch.setattr(kernels, name, spy(name))
+    check_against_reference(kernels, b, n, heads, c, p, activation, "mean", masked, split=split)
+    assert partials.keys() == {"_finish_fwd", "_finish_bwd"}
+    assert all(part.shape == (b, heads, split, p, c) for part in partials.values())
+    x, w1, _ = (t.detach() for t in inputs(b, n, heads, c, p))  # the same tensors as the check's
+    if masked:
+        keep = padding_mask(b, n)[..., None].float()
+        x, w1 = x * keep, w1 * keep
+    for s in range(split):
+        rows = slice(s * chunk, min((s + 1) * chunk, n))
+        got = partials["_finish_fwd"][:, :, s]
+        if s * chunk >= n:  # an empty split still stores its (zero) partial
+            assert not got.any()
+            continue
+        w1s, xs = w1[:, rows].unflatten(-1, (heads, p)), x[:, rows].unflatten(-1, (heads, c))
+        want = torch.einsum("bnhp,bnhc->bhpc", w1s, xs)
+        assert rel_err(got, want) < 1e-5, s
+
+
+def test_split_heuristic(kernels, monkeypatch):
+    splits = kernels.reduction_splits
+    assert kernels.sm_count(torch.device("cpu")) == kernels.INTERPRETER_SMS == 132
+    assert splits(8 * 12, 512, 64, 132) == 2  # 96 programs on 132 SMs: 8 tiles, 4 per split
+    assert splits(8 * 12, 8192, 64, 132) == 3  # B=8, H=12 at S=8192: 288 programs
+    assert splits(64 * 12, 8192, 64, 132) == 1  # B·H already ≥ 2 per SM
+    assert splits(264, 8192, 64, 132) == 1
+    assert splits(1, 8192, 64, 132) == 32  # capped at 4 tiles per split
+    assert splits(1, 100, 64, 132) == 1  # too few tiles to split
+    for programs in (1, 5, 96, 200, 263, 264, 1000):
+        for n in (1, 63, 64, 255, 256, 257, 1000, 8192, 65536):
+            got = splits(programs, n, 64, 132)
+            tiles = -(-n // 64)
+            assert 1 <= got <= tiles
+            assert got == 1 or (programs < 264 and tiles // got >= kernels.MIN_SPLIT_TILES)
+    # split=None asks the heuristic (B·H, N, BLOCK_N, SM count); its answer is used.
+    asked = []
+    monkeypatch.setattr(kernels, "reduction_splits", lambda *a: asked.append(a) or 3)
+    heads, c, p, b, n = 2, 16, 16, 2, 40
+    x, w1, w2 = (t.detach() for t in inputs(b, n, heads, c, p))
+    got = kernels.fused_hyper_mixing(x, w1, w2, heads, scale="sqrt", block_n=16)
+    assert asked == [(b * heads, n, 16, kernels.sm_count(x.device))]
+    assert rel_err(got, hyper_mixing(x, w1, w2, heads, scale="sqrt")) < 1e-4
+    with pytest.raises(ValueError, match="split"):
+        kernels.fused_hyper_mixing(x, w1, w2, heads, split=0)
 
 
 def test_default_tile_strided_views_and_tied_weights(kernels):

@@ -5,11 +5,18 @@ w1/w2 [B, N, d'] are read in place as [B, N, H, c] / [B, N, H, p] (c = d/H, p = 
 their batch and token strides: no permute, no copy. The only intermediate per (batch, head) is the
 p×c matrix ``Hpre = W1ᵀX``, kept in fp32.
 
-    forward   _reduce_fwd  grid (B·H)            Hpre = W1ᵀX over all N (fp32 accumulate), ÷ divisor,
+    forward   _reduce_fwd  grid (B·H, SPLIT)     Hpre = W1ᵀX over all N (fp32 accumulate), ÷ divisor,
                                                   stores Hpre (fp32) and G = gelu(Hpre) (input dtype)
               _expand_fwd  grid (⌈N/BLOCK_N⌉, B·H)  Y = W2·G for one BLOCK_N × c tile
-    backward  _reduce_bwd  grid (B·H)            dHpre = (W2ᵀdY) · gelu'(Hpre) ÷ divisor (fp32)
+    backward  _reduce_bwd  grid (B·H, SPLIT)     dHpre = (W2ᵀdY) · gelu'(Hpre) ÷ divisor (fp32)
               _expand_bwd  grid (⌈N/BLOCK_N⌉, B·H)  dW2 = dY·Gᵀ, dW1 = X·dHpreᵀ, dX = W1·dHpre
+
+Split-N reductions: B·H programs each walking all N tokens leave a GPU idle for long sequences and
+small batches (B=8, H=12: 96 programs on 132 SMs). With SPLIT > 1 (``reduction_splits``), program
+(bh, s) sums tokens [s·chunk, min((s+1)·chunk, N)) (chunk a multiple of BLOCK_N; a trailing split
+may be empty) into an fp32 partial buffer [B, H, SPLIT, p, c], and ``_finish_fwd`` / ``_finish_bwd``
+add the splits and apply the epilogue (scale, GELU / GELU′) as torch ops on those small tensors.
+SPLIT = 1 is the single pass above, epilogue in the kernel, no partial buffer.
 
 Pad tokens are handled outside the kernels: x, w1, w2 are multiplied by the mask first (as in the
 reference), so pads contribute nothing, receive zero output, and autograd of that multiply zeroes
@@ -39,6 +46,9 @@ except ImportError:  # CPU-only installs: the reference path is used
     tl = None
 
 BLOCK_N = 64  # tokens per tile (a tl.dot dimension: a power of two >= 16)
+PROGRAMS_PER_SM = 2  # split-N reductions: aim for this many reduction programs per SM
+MIN_SPLIT_TILES = 4  # ... with at least this many BLOCK_N tiles per split
+INTERPRETER_SMS = 132  # stand-in SM count off CUDA (an H100 SXM), so the interpreter plans like one
 MIN_DIM, MAX_DIM = 16, 128  # tl.dot needs >= 16; a p×c fp32 tile above 128×128 would spill registers
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 SCALES = ("none", "sqrt", "mean")
@@ -68,34 +78,41 @@ if triton is not None:
 
     def _reduce_fwd(
         w1_ptr, x_ptr, div_ptr, hpre_ptr, g_ptr,
-        N, H, s_w1b, s_w1n, s_xb, s_xn,
-        P: tl.constexpr, C: tl.constexpr, BLOCK_N: tl.constexpr,
+        N, H, CHUNK, s_w1b, s_w1n, s_xb, s_xn,
+        P: tl.constexpr, C: tl.constexpr, BLOCK_N: tl.constexpr, PARTIAL: tl.constexpr,
         ACT: tl.constexpr, SCALE: tl.constexpr, PREC: tl.constexpr, WIDEN: tl.constexpr,
     ):  # fmt: skip
         pid = tl.program_id(0)
         b = (pid // H).to(tl.int64)
         h = pid % H
+        lo = tl.program_id(1) * CHUNK  # this split's tokens: [lo, hi), empty when lo >= N
+        hi = tl.minimum(lo + CHUNK, N)
         rn = tl.arange(0, BLOCK_N)
         rp = tl.arange(0, P)
         rc = tl.arange(0, C)
         w1_cols = w1_ptr + b * s_w1b + h * P + rp[None, :]
         x_cols = x_ptr + b * s_xb + h * C + rc[None, :]
         acc = tl.full((P, C), 0.0, tl.float32)
-        for start in range(0, N, BLOCK_N):
+        for start in range(lo, hi, BLOCK_N):
             tok = start + rn
-            live = tok[:, None] < N
+            live = tok[:, None] < hi
             w1 = tl.load(w1_cols + tok[:, None] * s_w1n, mask=live, other=0.0)
             x = tl.load(x_cols + tok[:, None] * s_xn, mask=live, other=0.0)
             if WIDEN:
                 w1, x = w1.to(tl.float32), x.to(tl.float32)
             acc += tl.dot(tl.trans(w1), x, input_precision=PREC)
-        if SCALE:
-            acc = acc / tl.load(div_ptr + b)
-        tile = pid.to(tl.int64) * (P * C) + rp[:, None] * C + rc[None, :]
-        tl.store(hpre_ptr + tile, acc)
-        if ACT:  # exact (erf) GELU, as F.gelu
-            acc = 0.5 * acc * (1.0 + tl.math.erf(acc * 0.7071067811865476))
-        tl.store(g_ptr + tile, acc.to(g_ptr.dtype.element_ty))
+        # [B, H, SPLIT, P, C] offset: the partial buffer, or Hpre/G themselves when SPLIT = 1
+        part = pid.to(tl.int64) * tl.num_programs(1) + tl.program_id(1)
+        tile = part * (P * C) + rp[:, None] * C + rc[None, :]
+        if PARTIAL:  # raw sum of this split; _finish_fwd adds the splits and applies the epilogue
+            tl.store(hpre_ptr + tile, acc)
+        else:
+            if SCALE:
+                acc = acc / tl.load(div_ptr + b)
+            tl.store(hpre_ptr + tile, acc)
+            if ACT:  # exact (erf) GELU, as F.gelu
+                acc = 0.5 * acc * (1.0 + tl.math.erf(acc * 0.7071067811865476))
+            tl.store(g_ptr + tile, acc.to(g_ptr.dtype.element_ty))
 
     def _expand_fwd(
         w2_ptr, g_ptr, y_ptr,
@@ -118,36 +135,43 @@ if triton is not None:
 
     def _reduce_bwd(
         w2_ptr, dy_ptr, hpre_ptr, div_ptr, dh_ptr,
-        N, H, s_w2b, s_w2n, s_dyb, s_dyn,
-        P: tl.constexpr, C: tl.constexpr, BLOCK_N: tl.constexpr,
+        N, H, CHUNK, s_w2b, s_w2n, s_dyb, s_dyn,
+        P: tl.constexpr, C: tl.constexpr, BLOCK_N: tl.constexpr, PARTIAL: tl.constexpr,
         ACT: tl.constexpr, SCALE: tl.constexpr, PREC: tl.constexpr, WIDEN: tl.constexpr,
     ):  # fmt: skip
         pid = tl.program_id(0)
         b = (pid // H).to(tl.int64)
         h = pid % H
+        lo = tl.program_id(1) * CHUNK  # this split's tokens: [lo, hi), empty when lo >= N
+        hi = tl.minimum(lo + CHUNK, N)
         rn = tl.arange(0, BLOCK_N)
         rp = tl.arange(0, P)
         rc = tl.arange(0, C)
         w2_cols = w2_ptr + b * s_w2b + h * P + rp[None, :]
         dy_cols = dy_ptr + b * s_dyb + h * C + rc[None, :]
         acc = tl.full((P, C), 0.0, tl.float32)  # dG = W2ᵀ dY
-        for start in range(0, N, BLOCK_N):
+        for start in range(lo, hi, BLOCK_N):
             tok = start + rn
-            live = tok[:, None] < N
+            live = tok[:, None] < hi
             w2 = tl.load(w2_cols + tok[:, None] * s_w2n, mask=live, other=0.0)
             dy = tl.load(dy_cols + tok[:, None] * s_dyn, mask=live, other=0.0)
             if WIDEN:
                 w2, dy = w2.to(tl.float32), dy.to(tl.float32)
             acc += tl.dot(tl.trans(w2), dy, input_precision=PREC)
-        tile = pid.to(tl.int64) * (P * C) + rp[:, None] * C + rc[None, :]
-        if ACT:  # gelu'(h) = Φ(h) + h·φ(h)
-            hpre = tl.load(hpre_ptr + tile)
-            cdf = 0.5 * (1.0 + tl.math.erf(hpre * 0.7071067811865476))
-            pdf = tl.exp(-0.5 * hpre * hpre) * 0.3989422804014327
-            acc = acc * (cdf + hpre * pdf)
-        if SCALE:
-            acc = acc / tl.load(div_ptr + b)
-        tl.store(dh_ptr + tile, acc)
+        # [B, H, SPLIT, P, C] offset: the partial buffer, or dHpre itself when SPLIT = 1
+        part = pid.to(tl.int64) * tl.num_programs(1) + tl.program_id(1)
+        tile = part * (P * C) + rp[:, None] * C + rc[None, :]
+        if PARTIAL:  # raw dG of this split; _finish_bwd adds the splits and applies the epilogue
+            tl.store(dh_ptr + tile, acc)
+        else:
+            if ACT:  # gelu'(h) = Φ(h) + h·φ(h)
+                hpre = tl.load(hpre_ptr + tile)
+                cdf = 0.5 * (1.0 + tl.math.erf(hpre * 0.7071067811865476))
+                pdf = tl.exp(-0.5 * hpre * hpre) * 0.3989422804014327
+                acc = acc * (cdf + hpre * pdf)
+            if SCALE:
+                acc = acc / tl.load(div_ptr + b)
+            tl.store(dh_ptr + tile, acc)
 
     def _expand_bwd(
         x_ptr, w1_ptr, dy_ptr, g_ptr, dh_ptr, dx_ptr, dw1_ptr, dw2_ptr,
@@ -208,32 +232,90 @@ def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device; INTERPRETER_SMS (an H100's 132) elsewhere."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return INTERPRETER_SMS
+
+
+def reduction_splits(programs: int, n: int, block_n: int, sms: int) -> int:
+    """SPLIT for the two N-reductions: how many token ranges each (batch, head) is cut into.
+
+    1 when the B·H programs already give every SM ~PROGRAMS_PER_SM of them (or N is short); else
+    enough splits to reach that, but at least MIN_SPLIT_TILES tiles of BLOCK_N tokens per split (so
+    a split's loop still amortises its partial store and the epilogue's extra launches), hence
+    never more than ⌈N/BLOCK_N⌉. E.g. B=8, H=12, N=8192, BLOCK_N=64 on 132 SMs: 96 programs → 3.
+    """
+    target = PROGRAMS_PER_SM * sms
+    if programs >= target:
+        return 1
+    return max(1, min(_cdiv(target, programs), _cdiv(n, block_n) // MIN_SPLIT_TILES))
+
+
+def _split_chunk(n: int, block_n: int, split: int) -> int:
+    """Tokens per split, a multiple of BLOCK_N; so the last split may be short, a forced one empty."""
+    return _cdiv(_cdiv(n, block_n), split) * block_n
+
+
+def _finish_fwd(part, divisor, activation, dtype):
+    """Epilogue of a split forward reduction on the small fp32 [B, H, SPLIT, P, C] partials."""
+    hpre = part.sum(dim=2)
+    if divisor is not None:
+        hpre = hpre / divisor[:, None, None, None]
+    g = 0.5 * hpre * (1.0 + torch.erf(hpre * 0.7071067811865476)) if activation else hpre
+    return hpre, g.to(dtype)
+
+
+def _finish_bwd(part, hpre, divisor, activation):
+    """Epilogue of a split backward reduction: dHpre = ΣdG · gelu'(Hpre) ÷ divisor, fp32."""
+    dh = part.sum(dim=2)
+    if activation:
+        cdf = 0.5 * (1.0 + torch.erf(hpre * 0.7071067811865476))
+        pdf = torch.exp(-0.5 * hpre * hpre) * 0.3989422804014327
+        dh = dh * (cdf + hpre * pdf)
+    if divisor is not None:
+        dh = dh / divisor[:, None, None, None]
+    return dh
+
+
 class FusedHyperMixing(torch.autograd.Function):
     """``Y = W2·act(W1ᵀX ÷ divisor)`` per (batch, head) on already-masked x, w1, w2 (same dtype).
 
-    divisor: fp32 [B] or None. Returns y [B, N, d] in the input dtype.
+    divisor: fp32 [B] or None. split: token ranges per (batch, head) in the two N-reductions
+    (None: ``reduction_splits``; 1: single pass). Returns y [B, N, d] in the input dtype.
     """
 
     @staticmethod
-    def forward(ctx, x, w1, w2, divisor, heads, activation, block_n):
+    def forward(ctx, x, w1, w2, divisor, heads, activation, block_n, split=None):
         x, w1, w2 = (_last_dim_contiguous(t) for t in (x, w1, w2))
         b, n, d = x.shape
         c, p = d // heads, w1.shape[-1] // heads
+        if split is None:
+            split = reduction_splits(b * heads, n, block_n, sm_count(x.device))
+        chunk = _split_chunk(n, block_n, split)
         hpre = x.new_empty((b, heads, p, c), dtype=torch.float32)
         g = x.new_empty((b, heads, p, c))
+        part = hpre if split == 1 else x.new_empty((b, heads, split, p, c), dtype=torch.float32)
         y = x.new_empty((b, n, d))
         scaled = divisor is not None
         kernels, consts = _kernels(), _constants(p, c, block_n, x.dtype)
-        kernels.reduce_fwd[(b * heads,)](
-            w1, x, divisor if scaled else hpre, hpre, g,
-            n, heads, w1.stride(0), w1.stride(1), x.stride(0), x.stride(1),
-            ACT=bool(activation), SCALE=scaled, **consts,
+        kernels.reduce_fwd[(b * heads, split)](
+            w1, x, divisor if scaled else hpre, part, g,
+            n, heads, chunk, w1.stride(0), w1.stride(1), x.stride(0), x.stride(1),
+            PARTIAL=split > 1, ACT=bool(activation), SCALE=scaled, **consts,
         )  # fmt: skip
+        if split > 1:
+            hpre, g = _finish_fwd(part, divisor, activation, x.dtype)
         kernels.expand_fwd[(triton.cdiv(n, block_n), b * heads)](
             w2, g, y, n, heads, w2.stride(0), w2.stride(1), y.stride(0), y.stride(1), **consts
         )
         ctx.save_for_backward(x, w1, w2, hpre, g, divisor)
-        ctx.heads, ctx.activation, ctx.block_n = heads, bool(activation), block_n
+        ctx.heads, ctx.activation, ctx.block_n, ctx.split = heads, bool(activation), block_n, split
         return y
 
     @staticmethod
@@ -243,23 +325,27 @@ class FusedHyperMixing(torch.autograd.Function):
         dy = _last_dim_contiguous(dy)
         b, n, d = x.shape
         c, p = d // heads, w1.shape[-1] // heads
-        dh = torch.empty_like(hpre)
+        split = ctx.split  # the forward's
+        chunk = _split_chunk(n, block_n, split)
+        dh = torch.empty_like(hpre) if split == 1 else hpre.new_empty((b, heads, split, p, c))
         dx = x.new_empty((b, n, d))
         dw1 = w1.new_empty((b, n, heads * p))
         dw2 = w1.new_empty((b, n, heads * p))
         scaled = divisor is not None
         kernels, consts = _kernels(), _constants(p, c, block_n, x.dtype)
-        kernels.reduce_bwd[(b * heads,)](
+        kernels.reduce_bwd[(b * heads, split)](
             w2, dy, hpre, divisor if scaled else hpre, dh,
-            n, heads, w2.stride(0), w2.stride(1), dy.stride(0), dy.stride(1),
-            ACT=ctx.activation, SCALE=scaled, **consts,
+            n, heads, chunk, w2.stride(0), w2.stride(1), dy.stride(0), dy.stride(1),
+            PARTIAL=split > 1, ACT=ctx.activation, SCALE=scaled, **consts,
         )  # fmt: skip
+        if split > 1:
+            dh = _finish_bwd(dh, hpre, divisor, ctx.activation)
         kernels.expand_bwd[(triton.cdiv(n, block_n), b * heads)](
             x, w1, dy, g, dh, dx, dw1, dw2,
             n, heads, x.stride(0), x.stride(1), w1.stride(0), w1.stride(1), dy.stride(0), dy.stride(1),
             **consts,
         )  # fmt: skip
-        return dx, dw1, dw2, None, None, None, None
+        return dx, dw1, dw2, None, None, None, None, None
 
 
 def _compute_dtype(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch.dtype | None:
@@ -312,8 +398,12 @@ def fused_hyper_mixing(
     scale: str = "none",
     *,
     block_n: int = BLOCK_N,
+    split: int | None = None,
 ) -> torch.Tensor:
-    """The fused path only (no fallback): raises ValueError where ``unsupported_reason`` says why."""
+    """The fused path only (no fallback): raises ValueError where ``unsupported_reason`` says why.
+
+    split: token ranges per (batch, head) in the N-reductions; None picks ``reduction_splits``.
+    """
     reason = unsupported_reason(x, w1, w2, heads, block_n)
     if reason is not None:
         raise ValueError(f"fused HyperMixing cannot run: {reason}")
@@ -329,7 +419,9 @@ def fused_hyper_mixing(
         b, n, _ = x.shape
         count = real_token_count(mask, b, n, x.device, torch.float32)
         divisor = (count.sqrt() if scale == "sqrt" else count).contiguous()
-    return FusedHyperMixing.apply(x, w1, w2, divisor, heads, activation, block_n)
+    if split is not None and split < 1:
+        raise ValueError(f"split={split} must be >= 1")
+    return FusedHyperMixing.apply(x, w1, w2, divisor, heads, activation, block_n, split)
 
 
 def hyper_mixing_fused(
