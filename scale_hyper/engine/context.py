@@ -150,21 +150,12 @@ class Context:
             info=info,
             engine=engine,
             loader=train_loader(
-                run.data,
-                manifest,
-                seed=t.seed,
-                rank=info.rank,
-                world_size=info.world_size,
-                micro_batch_size=t.micro_batch_size,
-                state=cursor,
+                run.data, manifest, seed=t.seed, rank=info.rank, world_size=info.world_size,
+                micro_batch_size=t.micro_batch_size, state=cursor,
             ),  # fmt: skip
             val_loader=val_loader(
-                run.data,
-                manifest,
-                rank=info.rank,
-                world_size=info.world_size,
-                micro_batch_size=t.micro_batch_size,
-                max_batches=t.eval_batches,
+                run.data, manifest, rank=info.rank, world_size=info.world_size,
+                micro_batch_size=t.micro_batch_size, max_batches=t.eval_batches,
             ),  # fmt: skip
             tracker=tracker,
             start_step=int(state.get("step", 0)),
