@@ -57,9 +57,9 @@ def adopt_geometry(run: RunConfig) -> List[str]:
     if not run.train.init_from:
         return []
     theirs = source_geometry(run.train.init_from)
-    changes, kept = [], {name: getattr(run.model, name) for name in FREE_FIELDS if hasattr(run.model, name)}
+    changes = []
     for field in dataclasses.fields(ModelConfig):
-        if field.name in kept:
+        if field.name in FREE_FIELDS:
             continue
         old, new = getattr(run.model, field.name), getattr(theirs, field.name)
         if old != new:

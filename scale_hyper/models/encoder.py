@@ -109,13 +109,13 @@ class Encoder(nn.Module):
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
         hidden_states = (x,) if output_hidden_states else None
         for i, block in enumerate(self.layers):
-            shared = self.shared_mixers[self.mixer_of_layer[i]] if self.shared_mixers is not None else None
+            mixer = self.mixer(i)
             if self.activation_checkpointing and torch.is_grad_enabled():
                 # Non-reentrant only: the reentrant variant breaks the shared hypernetwork's
                 # gradients under ZeRO-2/3 (it is reached from several checkpointed regions).
-                x = checkpoint(block, x, mask, self.hypernet, i, shared, use_reentrant=False)
+                x = checkpoint(block, x, mask, self.hypernet, i, mixer, use_reentrant=False)
             else:
-                x = block(x, mask, hypernet=self.hypernet, layer=i, mixer=shared)
+                x = block(x, mask, hypernet=self.hypernet, layer=i, mixer=mixer)
             if output_hidden_states:
                 hidden_states = hidden_states + (x,)
         if self.final_norm is not None:
