@@ -3,6 +3,10 @@
 CONFIG is a preset name (`scale-hyper presets`), a YAML file, or a DeepSpeed JSON; `key=value`
 overrides any config key. Launcher flags (`--local_rank=N`) are accepted and ignored, so the same
 command works under `deepspeed`, `torchrun` and `srun`.
+
+Every import beyond the standard library happens inside the verb that needs it, so `--help`, each
+verb's `--help`, `config` and `presets` start without torch, transformers or DeepSpeed
+(tests/test_cli_imports.py).
 """
 
 from __future__ import annotations
@@ -12,16 +16,29 @@ import json
 import sys
 from typing import Callable, List, Optional
 
-from scale_hyper.config import ConfigError, available_presets, load_config, to_yaml
-from scale_hyper.config.loading import split_args
+
+def _run_config(configs: List[str]):
+    """The resolved RunConfig (imported here: the config package is not needed for `--help`)."""
+    from scale_hyper.config import load_config
+
+    return load_config(configs)
 
 
 def _config(args: argparse.Namespace) -> int:
-    print(to_yaml(load_config(args.configs)), end="")
+    from scale_hyper.config import to_yaml
+
+    if args.explain:
+        from scale_hyper.config.docs import explain
+
+        print(explain(args.explain))
+        return 0
+    print(to_yaml(_run_config(args.configs)), end="")
     return 0
 
 
 def _presets(args: argparse.Namespace) -> int:
+    from scale_hyper.config import available_presets
+
     print("\n".join(available_presets()))
     return 0
 
@@ -29,7 +46,7 @@ def _presets(args: argparse.Namespace) -> int:
 def _params(args: argparse.Namespace) -> int:
     from scale_hyper.models import parameter_report
 
-    run = load_config(args.configs)
+    run = _run_config(args.configs)
     report = parameter_report(run.model)
     if args.json:
         print(json.dumps(report, sort_keys=True))
@@ -48,13 +65,13 @@ def _params(args: argparse.Namespace) -> int:
 def _prepare(args: argparse.Namespace) -> int:
     from scale_hyper.data import prepare
 
-    return prepare.main(load_config(args.configs))
+    return prepare.main(_run_config(args.configs))
 
 
 def _train(args: argparse.Namespace) -> int:
     from scale_hyper.engine import train
 
-    return train.main(load_config(args.configs))
+    return train.main(_run_config(args.configs))
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -64,18 +81,20 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _checkpoint(args: argparse.Namespace) -> int:
-    from scale_hyper.engine import checkpoint
+    from scale_hyper.engine import checkpointer
 
-    return checkpoint.main(args.action, args.checkpoint, args.out)
+    return checkpointer.main(args.action, args.checkpoint, args.out)
 
 
 def _bench(args: argparse.Namespace) -> int:
-    run = load_config(args.configs)
+    run = _run_config(args.configs)
     if args.what == "data":
-        from scale_hyper.data import bench
-    else:
-        from scale_hyper.engine import bench
-    return bench.main(run)
+        from scale_hyper.bench import data
+
+        return data.main(run)
+    from scale_hyper.bench import train
+
+    return train.main(run)
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -121,7 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(fn=fn)
         return p
 
-    _with_configs(verb("config", _config, "print the resolved configuration as YAML"))
+    p = _with_configs(verb("config", _config, "print the resolved configuration as YAML"))
+    p.add_argument("--explain", metavar="KEY", help="a key's type, default, allowed values and description")
     verb("presets", _presets, "list the built-in presets")
     p = _with_configs(verb("params", _params, "parameters by component, and the delta against BERT"))
     p.add_argument("--json", action="store_true", help="one JSON object (total_params, baseline_params, ...)")
@@ -177,9 +197,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     # The deepspeed launcher appends --local_rank (after the verb's arguments): drop it wherever it is.
-    args = build_parser().parse_args(split_args(sys.argv[1:] if argv is None else argv))
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a.startswith("--local") for a in argv):
+        from scale_hyper.config.loading import split_args
+
+        argv = split_args(argv)
+    args = build_parser().parse_args(argv)
+    from scale_hyper.config import ConfigError  # after parsing: `--help` has exited by now
+
     try:
         return args.fn(args)
     except ConfigError as err:
-        print(f"scale-hyper: config error: {err}", file=sys.stderr)
+        print(f"scale-hyper: error: {err}", file=sys.stderr)  # ConfigError reads "<what> — <fix>"
         return 2

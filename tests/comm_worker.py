@@ -21,9 +21,9 @@ import time
 
 import torch
 
+from scale_hyper.bench.comm import CollectiveCounter
 from scale_hyper.config import load_config
 from scale_hyper.engine import ds_config
-from scale_hyper.engine.bench import CollectiveCounter
 from scale_hyper.engine.distributed import init_distributed
 from scale_hyper.engine.residency import keep_resident
 from scale_hyper.models import build_model

@@ -9,9 +9,9 @@ import pytest
 import torch
 from launch import REPO, run_ranks
 
+from scale_hyper.bench import train as bench
 from scale_hyper.config import load_config
-from scale_hyper.engine import bench, flops
-from scale_hyper.models import MIXERS
+from scale_hyper.models import MIXERS, flops
 
 
 @pytest.fixture(scope="module")

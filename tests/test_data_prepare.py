@@ -187,8 +187,9 @@ def test_token_dtype_for_large_vocabularies():
 
 
 def test_cli_entry_points(prepared, capsys):
+    from scale_hyper.bench import data as bench
     from scale_hyper.config import load_config
-    from scale_hyper.data import bench, prepare
+    from scale_hyper.data import prepare
 
     cfg, m = prepared
     run = load_config([f"data.{k}={v}" for k, v in dataclasses.asdict(cfg).items() if v is not None])

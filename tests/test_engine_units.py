@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from scale_hyper import runs
 from scale_hyper.config import ConfigError, load_config
-from scale_hyper.engine import checkpoint, ds_config
+from scale_hyper.engine import checkpointer, ds_config
 from scale_hyper.engine.distributed import map_launcher_env
-from scale_hyper.engine.flops import train_flops_per_token
-from scale_hyper.engine.train import check_run
+from scale_hyper.models.flops import train_flops_per_token
 
 CPU = torch.device("cpu")
 
@@ -19,8 +19,8 @@ CPU = torch.device("cpu")
 def test_batch_arithmetic_and_clear_error():
     run = load_config(["train.micro_batch_size=4", "train.global_batch_size=32"])
     assert ds_config.batch_arithmetic(run, 2) == (4, 4, 32)
-    with pytest.raises(ConfigError, match=r"train.global_batch_size=30.*micro_batch_size=4.*world size 2"):
-        ds_config.batch_arithmetic(load_config(["train.micro_batch_size=4", "train.global_batch_size=30"]), 2)
+    with pytest.raises(ConfigError, match=r"train.global_batch_size=28.*micro_batch_size=4.*world size 2"):
+        ds_config.batch_arithmetic(load_config(["train.micro_batch_size=4", "train.global_batch_size=28"]), 2)
 
 
 def test_generated_config_follows_run_config():
@@ -63,7 +63,7 @@ def _fake_ckpt(root: Path, name: str, step: int, world: int, complete: bool = Tr
     d = root / name
     d.mkdir(parents=True)
     if complete:
-        (d / checkpoint.MARKER).write_text(json.dumps({"step": step, "world_size": world, "universal": universal}))
+        (d / runs.MARKER).write_text(json.dumps({"step": step, "world_size": world, "universal": universal}))
     return d
 
 
@@ -71,23 +71,37 @@ def test_interrupted_save_is_never_resumed(tmp_path):
     root = tmp_path / "checkpoints"
     good = _fake_ckpt(root, "step_100", 100, 2)
     _fake_ckpt(root, "step_200", 200, 2, complete=False)  # crashed mid-save: no marker
-    assert checkpoint.resolve_resume("auto", str(tmp_path), 2) == good
+    assert checkpointer.resolve_resume("auto", str(tmp_path), 2) == good
 
 
 def test_universal_copy_is_chosen_only_for_another_world_size(tmp_path):
     root = tmp_path / "checkpoints"
     plain = _fake_ckpt(root, "step_4", 4, 2)
     uni = _fake_ckpt(root, "step_4_universal", 4, 2, universal=True)
-    assert checkpoint.resolve_resume("auto", str(tmp_path), 2) == plain
-    assert checkpoint.resolve_resume("auto", str(tmp_path), 1) == uni
-    with pytest.raises(checkpoint.ResumeError, match="scale-hyper checkpoint universal"):
-        checkpoint.check_world_size(plain, 1)
-    assert checkpoint.resolve_resume("none", str(tmp_path), 2) is None
+    assert checkpointer.resolve_resume("auto", str(tmp_path), 2) == plain
+    assert checkpointer.resolve_resume("auto", str(tmp_path), 1) == uni
+    with pytest.raises(checkpointer.ResumeError, match="scale-hyper checkpoint universal"):
+        checkpointer.check_world_size(plain, 1)
+    assert checkpointer.resolve_resume("none", str(tmp_path), 2) is None
 
 
 def test_reentrant_checkpointing_is_refused_with_reason():
     with pytest.raises(ConfigError, match="already been reduced.*non_reentrant"):
-        check_run(load_config(["train.activation_checkpointing=reentrant"]))
+        load_config(["train.activation_checkpointing=reentrant"])
+
+
+def test_every_path_into_a_run_directory_finds_its_newest_checkpoint(tmp_path):
+    """The run dir, DeepSpeed's save dir (RUN/checkpoints, where `latest` lives) and a step dir."""
+    root = tmp_path / "checkpoints"
+    _fake_ckpt(root, "step_10", 10, 1)
+    newest = _fake_ckpt(root, "step_30", 30, 1)
+    _fake_ckpt(root, "step_40", 40, 1, complete=False)
+    (root / "latest").write_text("step_30")
+    for path in (tmp_path, root, newest):
+        assert runs.find_checkpoint(path) == newest
+    assert runs.RunDir(tmp_path).newest() == newest and runs.RunDir(tmp_path).step(30) == newest
+    with pytest.raises(runs.NoCheckpointError, match="holds no finished checkpoint"):
+        runs.find_checkpoint(tmp_path / "checkpoints" / "step_40")
 
 
 def test_flops_scale_as_the_spec_says():

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from scale_hyper.evaluation import glue
+from scale_hyper.evaluation import glue, glue_data
 
 REPO = Path(__file__).resolve().parents[1]  # subprocesses import this checkout
 
@@ -83,17 +83,17 @@ def glue_dir(tmp_path_factory):
 
 
 def test_tsv_reader_parses_glue_layouts(tmp_path, glue_dir):
-    rows = glue.read_tsv(glue.TASKS["stsb"], glue_dir / "STS-B" / "dev.tsv")
+    rows = glue_data.read_tsv(glue_data.TASKS["stsb"], glue_dir / "STS-B" / "dev.tsv")
     assert len(rows) == 24 and len(rows[0][0]) == 2 and rows[1][1] == pytest.approx(5 / 3, abs=1e-3)
     (tmp_path / "cola.tsv").write_text("gj04\t1\t\tThe book fell .\ngj04\t0\t*\tBook the fell .\n")
-    assert glue.read_tsv(glue.TASKS["cola"], tmp_path / "cola.tsv") == [
+    assert glue_data.read_tsv(glue_data.TASKS["cola"], tmp_path / "cola.tsv") == [
         (("The book fell .",), 1.0),
         (("Book the fell .",), 0.0),
     ]
     (tmp_path / "rte.tsv").write_text(
         "index\tsentence1\tsentence2\tlabel\n0\ta\tb\tnot_entailment\n1\tc\td\tentailment\n"
     )
-    assert [y for _, y in glue.read_tsv(glue.TASKS["rte"], tmp_path / "rte.tsv")] == [1.0, 0.0]
+    assert [y for _, y in glue_data.read_tsv(glue_data.TASKS["rte"], tmp_path / "rte.tsv")] == [1.0, 0.0]
 
 
 def test_hub_path_gives_what_the_tsv_path_gives(tmp_path, monkeypatch):
@@ -114,13 +114,13 @@ def test_hub_path_gives_what_the_tsv_path_gives(tmp_path, monkeypatch):
     hub = datasets.DatasetDict({"train": split, "validation_matched": split, "validation_mismatched": unlabeled})
     calls = []
     monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: calls.append(a) or hub)
-    train, devs = glue.load_task(glue.TASKS["mnli"], None)
+    train, devs = glue_data.load_task(glue_data.TASKS["mnli"], None)
     assert calls == [("nyu-mll/glue", "mnli")]
     (tmp_path / "MNLI").mkdir()
     rows = zip(premises, hypotheses, gold, strict=True)
     tsv = ["sentence1\tsentence2\tgold_label"] + [f"{p}\t{h}\t{names[g]}" for p, h, g in rows]
     (tmp_path / "MNLI" / "train.tsv").write_text("\n".join(tsv) + "\n")
-    assert train == glue.read_tsv(glue.TASKS["mnli"], tmp_path / "MNLI" / "train.tsv")
+    assert train == glue_data.read_tsv(glue_data.TASKS["mnli"], tmp_path / "MNLI" / "train.tsv")
     assert devs["m"] == train and devs["mm"] == []
 
 

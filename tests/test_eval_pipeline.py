@@ -66,7 +66,7 @@ def test_eval_checkpoint_run_dir_and_export_agree_and_log(trained):
 
     state = json.loads((ckpt / "trainer_state.json").read_text())
     run = MlflowClient(tracking_uri=f"sqlite:///{wd}/mlflow.db").get_run(state["mlflow_run_id"])
-    assert run.data.metrics["eval_mlm_loss"] == pytest.approx(la, abs=1e-4)
+    assert run.data.metrics["eval/val_loss"] == pytest.approx(la, abs=1e-4)
 
 
 def test_transplant_from_checkpoint_then_eval(trained):
@@ -143,3 +143,35 @@ def test_glue_from_checkpoint_and_report(trained, tmp_path):
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[1] == "hyperbert" and cells[4] == "20" and cells[-1] != "–"  # GLUE avg present from the glue run
     assert (tmp_path / "rep" / "val_loss_vs_tokens.png").stat().st_size > 5000
+
+
+def test_export_and_its_deepspeed_save_dir_work_everywhere_a_run_dir_does(trained, tmp_path):
+    """`RUN/checkpoints` (DeepSpeed's save dir, with `latest`) is as good as the run dir or a step dir."""
+    wd = trained
+    assert (wd / "hb" / "checkpoints" / "latest").is_file()
+    p = cli("export", str(wd / "hb" / "checkpoints"), str(tmp_path / "exp"), cwd=wd)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "step_20" in p.stdout and (tmp_path / "exp" / "model.safetensors").is_file()
+    e = cli("eval", str(wd / "hb" / "checkpoints"), "eval.batches=2", "tracking.enabled=false", cwd=wd)
+    assert e.returncode == 0, e.stderr[-3000:]
+    bad = cli("export", str(tmp_path / "nothing"), str(tmp_path / "x"), cwd=wd)
+    assert bad.returncode == 2 and bad.stderr.startswith("scale-hyper: error:") and "—" in bad.stderr
+
+
+def test_an_export_loads_with_plain_transformers_in_a_batch_job(trained):
+    """No terminal, no scale_hyper imported: the model with trust_remote_code, the tokenizer with
+    the standard classes, no prompt either way."""
+    code = (
+        "import sys\n"
+        "from transformers import AutoModelForMaskedLM, BertTokenizer, PreTrainedTokenizerFast\n"
+        f"path = {str(trained / 'hb' / 'hf')!r}\n"
+        "tok = PreTrainedTokenizerFast.from_pretrained(path); bert = BertTokenizer.from_pretrained(path)\n"
+        "assert tok('the cat')['input_ids'] == bert('the cat')['input_ids']\n"
+        "model = AutoModelForMaskedLM.from_pretrained(path, trust_remote_code=True)\n"
+        "assert 'scale_hyper' not in sys.modules; print('ok', type(model).__name__)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    p = subprocess.run([sys.executable, "-c", code], cwd=trained, capture_output=True, text=True,
+                       stdin=subprocess.DEVNULL, env={**env, "HF_HUB_OFFLINE": "1"}, timeout=300)  # fmt: skip
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "ok ScaleHyperForMaskedLM" in p.stdout and "[y/N]" not in p.stdout + p.stderr

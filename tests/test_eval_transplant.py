@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from scale_hyper.evaluation import transplant as T
+from scale_hyper.evaluation.transplant import save
 from scale_hyper.models import ModelConfig, build_model
+from scale_hyper.models import transplant as T
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -103,7 +104,7 @@ def test_stretch_order_and_save_reload_keep_function_and_sharing(tmp_path):
     src = tiny("bert", layers=2)
     new, info = T.transplant(src, 4, order="stretch")
     assert info["layer_map"] == [0, 0, 1, 1] and info["mixer_of_layer"] == [0, 0, 1, 1]
-    T.save(new, info, tmp_path / "hf")
+    save(new, info, tmp_path / "hf")
     back = AutoModelForMaskedLM.from_pretrained(tmp_path / "hf").eval()
     encoder = back.model.encoder
     assert back.config.share_mixers == 2 and back.config.share_order == "stretch"

@@ -123,7 +123,9 @@ def test_save_pretrained_round_trip_is_exact(tmp_path, mixer):
         assert (tmp_path / name).exists(), name
 
 
-def test_auto_classes_load_without_trust_remote_code_after_import(tmp_path):
+def test_auto_classes_load_without_trust_remote_code_after_importing_models(tmp_path):
+    """`import scale_hyper.models` (done above) registers the Auto classes; plain `import scale_hyper`
+    does not any more (it stays light for the CLI: tests/test_cli_imports.py)."""
     torch.manual_seed(0)
     model = build_model(tiny("hyperbert"), task="mlm").eval()
     model.save_pretrained(tmp_path)

@@ -182,7 +182,7 @@ def test_default_tile_strided_views_and_tied_weights(kernels):
         return call
 
     for tied in (False, True):
-        got = run(mixing(kernels.hyper_mixing_fused, tied), [x, w], dy)
+        got = run(mixing(kernels.fused_hyper_mixing, tied), [x, w], dy)
         want = run(mixing(hyper_mixing, tied), [x, w], dy)
         for g, r in zip(got, want, strict=True):
             assert rel_err(g, r) < 1e-4
@@ -215,8 +215,8 @@ def test_unsupported_shapes_fall_back_to_reference(kernels, heads, c, p, why):
     reason = kernels.unsupported_reason(x, w1, w2, heads)
     assert reason is not None and why.split("=")[0] in reason
     want = hyper_mixing(x, w1, w2, heads, mask, scale="mean")
-    assert torch.equal(kernels.hyper_mixing_fused(x, w1, w2, heads, mask, scale="mean"), want)
-    assert torch.equal(hyper_mixing(x, w1, w2, heads, mask, scale="mean", kernel="triton"), want)
+    for kernel in ("auto", "triton"):  # the models' dispatch falls back to the reference
+        assert torch.equal(hyper_mixing(x, w1, w2, heads, mask, scale="mean", kernel=kernel), want)
     with pytest.raises(ValueError, match="cannot run"):
         kernels.fused_hyper_mixing(x, w1, w2, heads, mask)
 
@@ -283,7 +283,7 @@ def test_config_switch_is_validated():
 
 
 def test_module_imports_and_falls_back_without_triton(monkeypatch):
-    """A CPU install without triton: the kernel module imports and runs the reference."""
+    """A CPU install without triton: the kernel module imports, and the models run the reference."""
     monkeypatch.setitem(sys.modules, "triton", None)  # makes `import triton` raise ImportError
     monkeypatch.setitem(sys.modules, "triton.language", None)
     spec = importlib.util.spec_from_file_location("hypermixing_no_triton", fused_module.__file__)
@@ -292,4 +292,6 @@ def test_module_imports_and_falls_back_without_triton(monkeypatch):
     assert not module.triton_available() and not module.interpreting()
     x, w1, w2 = (torch.randn(2, 5, 32) for _ in range(3))
     assert module.unsupported_reason(x, w1, w2, 2) == "triton is not installed"
-    assert torch.equal(module.hyper_mixing_fused(x, w1, w2, 2, scale="sqrt"), hyper_mixing(x, w1, w2, 2, scale="sqrt"))
+    monkeypatch.setattr(hypermixing_module, "_fused_module", module)
+    want = hyper_mixing(x, w1, w2, 2, scale="sqrt")
+    assert torch.equal(hyper_mixing(x, w1, w2, 2, scale="sqrt", kernel="triton"), want)

@@ -2,25 +2,18 @@
 
 import dataclasses
 import os
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
-from omegaconf import OmegaConf
 
+from scale_hyper.config import load_config
 from scale_hyper.models import ModelConfig, build_model, count_by_component, parameter_report
-
-PRESETS = Path(__file__).resolve().parents[1] / "scale_hyper" / "presets"
 
 
 def preset(name: str) -> ModelConfig:
-    """ModelConfig of a preset: defaults.yaml's model section, then the preset's, vocab from data."""
-    merged = OmegaConf.merge(OmegaConf.load(PRESETS / "defaults.yaml"), OmegaConf.load(PRESETS / f"{name}.yaml"))
-    values = OmegaConf.to_container(merged, resolve=True)
-    model = dict(values["model"])
-    model["vocab_size"] = values["data"]["vocab_size"]
-    return ModelConfig.from_dict(model).validate()
+    """ModelConfig of a preset, as the CLI loads it (schema defaults, defaults.yaml, the preset; vocab from data)."""
+    return load_config([name]).model.validate()
 
 
 def ln(width: int) -> int:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from scale_hyper.config import load_config, to_yaml
-from scale_hyper.engine.tracking import (
+from scale_hyper.tracking import (
     NullTracker,
     TrackingError,
     is_secret_key,
@@ -116,7 +116,7 @@ def test_metrics_at_steps_and_artifacts(store, client, tmp_path, caplog):
     tracker = start_tracker(_run(store, "tracking.system_metrics=true"), rank=0, resume_run_id=None, extra_params={})
     for step in (0, 10, 20):
         tracker.log_metrics({"loss": 10.0 - step / 10, "lr": 1e-3, "tokens": step * 4096}, step=step)
-    with caplog.at_level(logging.WARNING, logger="scale_hyper.engine.tracking"):
+    with caplog.at_level(logging.WARNING, logger="scale_hyper.tracking"):
         tracker.log_metrics({"bad": "not-a-number", "ok/weird name:x": 1.0}, step=30)  # must not raise
     (tmp_path / "notes.txt").write_text("hello")
     (tmp_path / "export").mkdir()
@@ -232,7 +232,7 @@ def test_store_failure_during_training_warns_once_and_continues(store, client, c
         raise ConnectionError("tracking server down")
 
     tracker._client.log_batch = down
-    with caplog.at_level(logging.WARNING, logger="scale_hyper.engine.tracking"):
+    with caplog.at_level(logging.WARNING, logger="scale_hyper.tracking"):
         for step in range(2, 8):
             tracker.log_metrics({"loss": 3.0}, step=step)
             assert tracker.flush(30)

@@ -1,6 +1,10 @@
-"""Run configuration: structured dataclasses (schema) and how they are loaded (loading)."""
+"""Run configuration, the lowest layer (imports no other scale_hyper package, no torch):
+``model`` (ModelConfig and the field-spec helpers, stdlib only), ``schema`` (the other groups and
+RunConfig, each field with a description and its allowed values), ``loading`` (presets, YAML,
+overrides, one validation pass) and ``docs`` (``--explain`` and docs/config.md)."""
 
 from scale_hyper.config.loading import ConfigError, available_presets, flatten, load_config, to_yaml
+from scale_hyper.config.model import MIXERS, ModelConfig
 from scale_hyper.config.schema import (
     DataConfig,
     DeepSpeedConfig,
@@ -8,18 +12,22 @@ from scale_hyper.config.schema import (
     RunConfig,
     TrackingConfig,
     TrainConfig,
+    schema_fields,
 )
 
 __all__ = [
+    "MIXERS",
     "ConfigError",
     "DataConfig",
     "DeepSpeedConfig",
     "EvalConfig",
+    "ModelConfig",
     "RunConfig",
     "TrackingConfig",
     "TrainConfig",
     "available_presets",
     "flatten",
     "load_config",
+    "schema_fields",
     "to_yaml",
 ]

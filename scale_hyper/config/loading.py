@@ -1,27 +1,26 @@
 """Build a RunConfig from presets, YAML files and ``key=value`` overrides.
 
-Order of precedence (later wins): schema defaults → ``presets/defaults.yaml`` (the embedded main
-job) → each CONFIG argument in order (a preset name, a YAML path, or a DeepSpeed JSON) → overrides.
+Order of precedence (later wins): schema defaults (the embedded main job) → ``presets/defaults.yaml``
+(only the interpolations a dataclass default cannot hold) → each CONFIG argument in order (a preset
+name, a YAML path, or a DeepSpeed JSON) → overrides. The result is validated once
+(``RunConfig.validate``). Every error is a ``ConfigError`` reading ``<what> — <fix>``.
 """
 
 from __future__ import annotations
 
 import difflib
 import os
-from dataclasses import fields, is_dataclass
 from importlib import resources
 from typing import Iterable, List, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from scale_hyper.config.schema import RunConfig
+from scale_hyper.config.model import ConfigError, fail
+from scale_hyper.config.schema import RunConfig, schema_fields
 
 PRESET_PACKAGE = "scale_hyper.presets"
-
-
-class ConfigError(ValueError):
-    """A user-facing configuration problem; the message names the key and the fix."""
+FREE_FORM = ("deepspeed.extra", "tracking.tags")  # dict keys that accept any sub-key
 
 
 def available_presets() -> List[str]:
@@ -29,19 +28,12 @@ def available_presets() -> List[str]:
     return sorted(n for n in names if n != "defaults")
 
 
-def _preset_text(name: str) -> str:
+def preset_text(name: str) -> str:
     return resources.files(PRESET_PACKAGE).joinpath(f"{name}.yaml").read_text()
 
 
-def _all_keys(schema=RunConfig, prefix: str = "") -> List[str]:
-    keys = []
-    for f in fields(schema):
-        key = f"{prefix}{f.name}"
-        keys.append(key)
-        default = f.default_factory() if callable(f.default_factory) else f.default  # type: ignore[misc]
-        if is_dataclass(default):
-            keys.extend(_all_keys(type(default), key + "."))
-    return keys
+def _all_keys() -> List[str]:
+    return [key for key, _ in schema_fields(RunConfig)]
 
 
 def _suggest(key: str) -> str:
@@ -58,47 +50,53 @@ def _is_known(key: str) -> bool:
     keys = set(_all_keys())
     if key in keys:
         return True
-    # Free-form dict fields (deepspeed.extra, tracking.tags) accept any sub-key.
-    return any(key.startswith(f"{k}.") for k in ("deepspeed.extra", "tracking.tags"))
+    return any(key.startswith(f"{k}.") for k in FREE_FORM)
+
+
+def unknown_key(key: str, origin: str) -> ConfigError:
+    return fail(
+        f"unknown config key '{key}' (from {origin})",
+        f"{_suggest(key).strip() or 'Check the spelling.'} `scale-hyper config` lists every valid key.",
+    )
 
 
 def _explain(err: OmegaConfBaseException, origin: str) -> ConfigError:
     key = getattr(err, "full_key", None) or getattr(err, "key", None) or "?"
     if isinstance(err, ConfigKeyError):
-        return ConfigError(
-            f"unknown config key '{key}' (from {origin}).{_suggest(str(key))} "
-            "Run `scale-hyper config` to list every valid key."
-        )
+        return unknown_key(str(key), origin)
+    first_line = str(err).splitlines()[0]
     if isinstance(err, ValidationError):
-        first_line = str(err).splitlines()[0]
-        return ConfigError(f"bad value for config key '{key}' (from {origin}): {first_line}")
-    return ConfigError(f"invalid configuration (from {origin}): {str(err).splitlines()[0]}")
+        return fail(
+            f"bad value for config key '{key}' (from {origin}): {first_line}",
+            f"`scale-hyper config --explain {key}` shows its type",
+        )
+    return fail(f"invalid configuration (from {origin}): {first_line}", "fix the value named above")
 
 
 def _load_source(arg: str) -> tuple[DictConfig, str]:
     """A CONFIG argument: a YAML path, a DeepSpeed JSON path, or a preset name."""
     if arg.endswith(".json"):
         if not os.path.isfile(arg):
-            raise ConfigError(f"DeepSpeed config file not found: {arg}")
+            raise fail(f"DeepSpeed config file not found: {arg}", "check the path")
         return OmegaConf.create({"deepspeed": {"config": os.path.abspath(arg)}}), arg
     if arg.endswith((".yaml", ".yml")) or os.sep in arg:
         if not os.path.isfile(arg):
-            raise ConfigError(f"config file not found: {arg}")
+            raise fail(f"config file not found: {arg}", "check the path")
         return OmegaConf.load(arg), arg
     if arg in available_presets():
-        return OmegaConf.create(_preset_text(arg)), f"preset {arg}"
+        return OmegaConf.create(preset_text(arg)), f"preset {arg}"
     close = difflib.get_close_matches(arg, available_presets(), n=3)
-    hint = f" Did you mean {', '.join(close)}?" if close else ""
-    raise ConfigError(
-        f"'{arg}' is neither a config file nor a preset.{hint} "
-        f"Presets: {', '.join(available_presets())}."
+    hint = f"Did you mean {', '.join(close)}? " if close else ""
+    raise fail(
+        f"'{arg}' is neither a config file nor a preset",
+        f"{hint}Presets: {', '.join(available_presets())}.",
     )
 
 
 def load_config(args: Sequence[str] = ()) -> RunConfig:
     """Merge presets/files/overrides onto the schema; return a typed, validated RunConfig."""
     cfg = OmegaConf.structured(RunConfig)
-    sources: List[tuple[DictConfig, str]] = [(OmegaConf.create(_preset_text("defaults")), "preset defaults")]
+    sources: List[tuple[DictConfig, str]] = [(OmegaConf.create(preset_text("defaults")), "preset defaults")]
     overrides = []
     for arg in args:
         if "=" in arg and not os.path.isfile(arg):
@@ -108,14 +106,11 @@ def load_config(args: Sequence[str] = ()) -> RunConfig:
     for arg in overrides:  # name the whole mistyped key, not just its first unknown part
         key = arg.split("=", 1)[0]
         if not _is_known(key):
-            raise ConfigError(
-                f"unknown config key '{key}' (from command-line overrides).{_suggest(key)} "
-                "Run `scale-hyper config` to list every valid key."
-            )
+            raise unknown_key(key, "command-line overrides")
     try:
         sources.append((OmegaConf.from_dotlist(overrides), "command-line overrides"))
     except OmegaConfBaseException as err:
-        raise ConfigError(f"cannot parse overrides {overrides}: {err}") from None
+        raise fail(f"cannot parse overrides {overrides}: {err}", "write each as key=value") from None
     for source, origin in sources:
         try:
             cfg = OmegaConf.merge(cfg, source)
@@ -125,11 +120,7 @@ def load_config(args: Sequence[str] = ()) -> RunConfig:
         run: RunConfig = OmegaConf.to_object(cfg)  # resolves interpolations, checks types
     except OmegaConfBaseException as err:
         raise _explain(err, "interpolation") from None
-    try:
-        run.model.validate()
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
-    return run
+    return run.validate()
 
 
 def to_yaml(run: RunConfig) -> str:

@@ -1,33 +1,33 @@
 """`scale-hyper eval MODEL [CONFIG ...] [key=value ...]`: masked-LM loss, perplexity and accuracy
 on the validation shards of ``data.output`` (by default the data the checkpoint was trained on).
 
-The masks are the validation loader's fixed masks, so numbers are comparable across models and
-with the ``val_loss`` / ``val_accuracy`` that training logs. ``eval.batches`` caps the batches
+The masks are the validation loader's fixed masks, so numbers are comparable across models,
+and computed by the same code, under the same names, as the ``val_loss`` / ``val_accuracy`` /
+``val_perplexity`` that training logs (MLflow: ``eval/val_loss`` ...). ``eval.batches`` caps the batches
 (0 = the whole validation split); ``train.micro_batch_size`` is the batch size.
 """
 
 from __future__ import annotations
 
-import math
 import sys
 import time
 from typing import Dict, Iterable, Sequence
 
 import torch
-import torch.nn.functional as F
 
-from scale_hyper.evaluation import source as sources
+from scale_hyper import runs as sources
 
 
 @torch.no_grad()
 def mlm_metrics(
     model: torch.nn.Module, batches: Iterable[Dict[str, torch.Tensor]], device: str = "cpu"
 ) -> Dict[str, float]:
-    """Mean cross-entropy over the masked tokens, perplexity exp(loss), and top-1 accuracy."""
+    """The validation metrics training logs (``scale_hyper.models.mlm_metrics``), for any MLM."""
     from scale_hyper.models import ScaleHyperForMaskedLM
+    from scale_hyper.models.mlm_metrics import masked_lm_metrics, masked_lm_totals
 
     ours = isinstance(model, ScaleHyperForMaskedLM)
-    loss_sum, correct, n, seqs = 0.0, 0, 0, 0
+    totals, seqs = torch.zeros(3, dtype=torch.float64, device=device), 0
     for batch in batches:
         batch = {k: v.to(device) for k, v in batch.items()}
         labels = batch["labels"]
@@ -35,17 +35,10 @@ def mlm_metrics(
         if ours:  # the vocabulary projection only at the masked positions
             logits = model(**inputs, labels=labels, sparse_logits=True).logits
         else:
-            logits = model(**inputs).logits[labels != -100]
-        targets = labels[labels != -100]
-        loss_sum += F.cross_entropy(logits.float(), targets, reduction="sum").item()
-        correct += (logits.argmax(-1) == targets).sum().item()
-        n += targets.numel()
+            logits = model(**inputs).logits
+        totals += masked_lm_totals(logits, labels)
         seqs += labels.shape[0]
-    if n == 0:
-        raise ValueError("no masked tokens to evaluate (empty validation split?)")
-    loss = loss_sum / n
-    return {"mlm_loss": loss, "perplexity": math.exp(min(loss, 700.0)), "mlm_accuracy": correct / n,
-            "masked_tokens": float(n), "sequences": float(seqs)}  # fmt: skip
+    return {**masked_lm_metrics(totals), "val_sequences": float(seqs)}
 
 
 def evaluate(model_path: str, args: Sequence[str] = ()) -> Dict[str, float]:
@@ -71,12 +64,12 @@ def evaluate(model_path: str, args: Sequence[str] = ()) -> Dict[str, float]:
 
 
 def format_table(rows: Sequence[Dict]) -> str:
-    head = f"| {'model':<28} | {'MLM loss':>8} | {'perplexity':>10} | {'accuracy':>8} | {'masked tokens':>13} |"
+    head = f"| {'model':<28} | {'val_loss':>8} | {'val_perplexity':>14} | {'val_accuracy':>12} | {'masked tokens':>13} |"
     lines = [head, "|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|"]
     for r in rows:
         m = r["metrics"]
-        lines.append(f"| {r['name']:<28} | {m['mlm_loss']:>8.4f} | {m['perplexity']:>10.2f} | {m['mlm_accuracy']:>8.4f} "
-                     f"| {int(m['masked_tokens']):>13,} |")  # fmt: skip
+        lines.append(f"| {r['name']:<28} | {m['val_loss']:>8.4f} | {m['val_perplexity']:>14.2f} | {m['val_accuracy']:>12.4f} "
+                     f"| {int(m['val_masked_tokens']):>13,} |")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -92,7 +85,7 @@ def main(model_path: str, args: Sequence[str] = ()) -> int:
     print(f"validation data: {out['data']}")
     print(format_table([{"name": src.name, "metrics": m}]))
     run_id = log_results(
-        out["run"], {f"eval_{k}": v for k, v in m.items() if k != "seconds"},
+        out["run"], {f"eval/{k}": v for k, v in m.items() if k != "seconds"},
         source_run_id=src.mlflow_run_id, run_name=f"eval {src.name}",
         params={"model_path": str(src.path), "data.output": out["data"]},
     )  # fmt: skip

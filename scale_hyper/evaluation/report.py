@@ -151,7 +151,7 @@ def table(rows: List[Dict[str, object]]) -> str:
 def build(refs: Sequence[str], uri: str, out: Path) -> Dict[str, object]:
     from mlflow import MlflowClient
 
-    from scale_hyper.engine.tracking import resolve_tracking_uri
+    from scale_hyper.tracking import resolve_tracking_uri
 
     resolved, _, _ = resolve_tracking_uri(uri)
     client = MlflowClient(tracking_uri=resolved)

@@ -26,7 +26,7 @@ def log_results(
     from mlflow import MlflowClient
     from mlflow.entities import Metric, Param, RunTag
 
-    from scale_hyper.engine.tracking import _artifact_location, format_params, format_tags, resolve_tracking_uri
+    from scale_hyper.tracking import choose_artifact_location, format_params, format_tags, resolve_tracking_uri
 
     uri, kind, db = resolve_tracking_uri(run.tracking.uri)
     client = MlflowClient(tracking_uri=uri)
@@ -44,7 +44,8 @@ def log_results(
             exp.experiment_id
             if exp
             else client.create_experiment(
-                run.tracking.experiment, artifact_location=_artifact_location(run.tracking.artifact_location, kind, db)
+                run.tracking.experiment,
+                artifact_location=choose_artifact_location(run.tracking.artifact_location, kind, db),
             )
         )
         run_id = client.create_run(exp_id, run_name=run_name, tags={"scale_hyper.kind": "evaluation"}).info.run_id

@@ -1,11 +1,13 @@
 """Optional fused GPU kernels. Everything here imports without Triton; callers check
 ``triton_available()`` (and each kernel's own support test) and otherwise use the reference path.
+
+A leaf package: it imports torch and triton only, nothing from scale_hyper (an import-linter
+contract), so the reference implementations and the fallback decision live with the models.
 """
 
 from .hypermixing_triton import (
     FusedHyperMixing,
     fused_hyper_mixing,
-    hyper_mixing_fused,
     interpreting,
     triton_available,
     unsupported_reason,
@@ -14,7 +16,6 @@ from .hypermixing_triton import (
 __all__ = [
     "FusedHyperMixing",
     "fused_hyper_mixing",
-    "hyper_mixing_fused",
     "interpreting",
     "triton_available",
     "unsupported_reason",

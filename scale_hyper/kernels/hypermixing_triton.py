@@ -22,8 +22,10 @@ Pad tokens are handled outside the kernels: x, w1, w2 are multiplied by the mask
 reference), so pads contribute nothing, receive zero output, and autograd of that multiply zeroes
 their gradients.
 
-Triton is optional: without it this module still imports, ``triton_available()`` is False and
-``hyper_mixing_fused`` runs the reference. Kernels are wrapped by ``triton.jit`` on first use, once
+This package is a leaf: it imports nothing from scale_hyper. Choosing between this kernel and the
+reference is the caller's job (``hyper_mixing(kernel=...)`` in models/hypermixing.py asks
+``unsupported_reason`` first). Triton is optional: without it this module still imports,
+``triton_available()`` is False and ``unsupported_reason`` says so. Kernels are wrapped by ``triton.jit`` on first use, once
 per mode, because ``triton.jit`` decides at wrapping time between a compiled kernel and the CPU
 interpreter (``TRITON_INTERPRET=1``); that lets tests turn the interpreter on after import. The
 kernel bodies use only Triton builtins (no ``tl.zeros``/``tl.cdiv``, which are themselves jitted
@@ -34,9 +36,6 @@ import os
 from types import SimpleNamespace
 
 import torch
-
-from scale_hyper.models.hypermixing import hyper_mixing as _reference
-from scale_hyper.models.layers import real_token_count
 
 try:
     import triton
@@ -415,25 +414,11 @@ def fused_hyper_mixing(
         keep = mask[..., None].to(dtype)
         x, w1, w2 = x * keep, w1 * keep, w2 * keep
     divisor = None
-    if scale != "none":
-        b, n, _ = x.shape
-        count = real_token_count(mask, b, n, x.device, torch.float32)
+    if scale != "none":  # real tokens per sequence (at least 1), as the reference counts them
+        count = x.new_full(x.shape[:1], float(x.shape[1]), dtype=torch.float32)
+        if mask is not None:
+            count = mask.sum(dim=1).clamp(min=1).to(torch.float32)
         divisor = (count.sqrt() if scale == "sqrt" else count).contiguous()
     if split is not None and split < 1:
         raise ValueError(f"split={split} must be >= 1")
     return FusedHyperMixing.apply(x, w1, w2, divisor, heads, activation, block_n, split)
-
-
-def hyper_mixing_fused(
-    x: torch.Tensor,
-    w1: torch.Tensor,
-    w2: torch.Tensor,
-    heads: int,
-    mask: torch.Tensor | None = None,
-    activation: bool = True,
-    scale: str = "none",
-) -> torch.Tensor:
-    """Drop-in for ``hyper_mixing``: the fused kernel where it can run, else the reference path."""
-    if unsupported_reason(x, w1, w2, heads) is None:
-        return fused_hyper_mixing(x, w1, w2, heads, mask, activation, scale)
-    return _reference(x, w1, w2, heads, mask, activation=activation, scale=scale)

@@ -2,15 +2,31 @@
 
 Carries every ``ModelConfig`` field under the same name and default (tests check the two stay in
 step), plus the usual Hugging Face fields (num_labels, problem_type, ...). Copied next to exported
-checkpoints, so it imports only transformers and its sibling ``model_config.py``.
+checkpoints, so it imports only transformers and its sibling ``model_config.py`` — in an export, the
+standalone definition (``write_standalone_model_config``); in the package, a re-export of
+``scale_hyper.config.model``.
 """
 
+import inspect
+import os
+import sys
 from dataclasses import fields
 
 from huggingface_hub.dataclasses import strict
 from transformers import PretrainedConfig
 
 from .model_config import ModelConfig
+
+
+def write_standalone_model_config(directory) -> None:
+    """Overwrite the ``model_config.py`` that ``save_pretrained`` copied into ``directory`` with the
+    source of the module that defines ModelConfig (``scale_hyper/config/model.py``, stdlib only; in an
+    export, the export's own copy), so the export loads with ``trust_remote_code`` and no scale_hyper."""
+    path = os.path.join(directory, "model_config.py")
+    if os.path.isfile(path):
+        source = inspect.getsource(sys.modules[ModelConfig.__module__])
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(source)
 
 
 @strict
@@ -63,6 +79,11 @@ class ScaleHyperConfig(PretrainedConfig):
     # --- hyla ---
     hyla_chunk: int = 128
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        out = super().save_pretrained(save_directory, *args, **kwargs)
+        write_standalone_model_config(save_directory)
+        return out
+
     def validate_model_config(self) -> None:
         """Run ModelConfig's checks (called by the strict-dataclass validation of transformers)."""
         self.to_model_config().validate()
@@ -75,4 +96,4 @@ class ScaleHyperConfig(PretrainedConfig):
         return ModelConfig(**{f.name: getattr(self, f.name) for f in fields(ModelConfig)})
 
 
-__all__ = ["ScaleHyperConfig"]
+__all__ = ["ScaleHyperConfig", "write_standalone_model_config"]

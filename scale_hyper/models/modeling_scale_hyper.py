@@ -19,7 +19,7 @@ from transformers import (
 from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutput, MaskedLMOutput, SequenceClassifierOutput
 
-from .configuration_scale_hyper import ScaleHyperConfig
+from .configuration_scale_hyper import ScaleHyperConfig, write_standalone_model_config
 from .encoder import Encoder
 from .heads import ClassificationHead, MaskedLMHead
 from .layers import Embeddings, HeadwiseLinear
@@ -80,7 +80,10 @@ class ScaleHyperPreTrainedModel(PreTrainedModel):
             "AutoModelForMaskedLM": f"{modeling}.ScaleHyperForMaskedLM",
             "AutoModelForSequenceClassification": f"{modeling}.ScaleHyperForSequenceClassification",
         }
-        return super().save_pretrained(save_directory, *args, **kwargs)
+        out = super().save_pretrained(save_directory, *args, **kwargs)
+        # The copied model_config.py is a re-export shim inside scale_hyper: replace it by the standalone one.
+        write_standalone_model_config(save_directory)
+        return out
 
 
 class ScaleHyperModel(ScaleHyperPreTrainedModel):

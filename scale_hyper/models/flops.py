@@ -1,5 +1,6 @@
 """Analytic training FLOPs per token, from each mixer's own formula (the DeepSpeed flops profiler
-misses custom kernels), and the peak FLOP/s that MFU is measured against."""
+misses custom kernels), and the peak FLOP/s that MFU is measured against. Used by training (MFU in
+the logs) and by `scale-hyper bench train`; a new mixer adds its formula to ``_mixer_forward_flops``."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from typing import Optional
 
 import torch
 
-from scale_hyper.models.model_config import ModelConfig
+from .model_config import ModelConfig
 
 
 def _mixer_forward_flops(mc: ModelConfig, n: int) -> float:

@@ -65,7 +65,7 @@ def measure(data_cfg, seq_len: int, micro_batch_size: int, seconds: float = 3.0)
 def _copy(data_cfg, **changes):
     from dataclasses import is_dataclass, replace
 
-    if is_dataclass(data_cfg):
+    if is_dataclass(data_cfg) and not isinstance(data_cfg, type):
         return replace(data_cfg, **changes)
     from types import SimpleNamespace
 

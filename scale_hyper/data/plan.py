@@ -1,0 +1,181 @@
+"""Epoch and shard planning for the streaming loaders: the loader spec and how an epoch is laid out.
+
+``LoaderSpec`` holds everything a loader worker needs (built from ``data.*``, the manifest, the seed
+and the rank layout by ``build_spec``). The layout (shard order per epoch, whole shards dealt
+round-robin to the R × W slots, the tail cut into equal parts, equal length per slot) is a pure
+function of the spec and the epoch, so every rank computes the same plan without talking to the
+others. The rules are described in ``scale_hyper.data.loader``'s module docstring.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Dict, List, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from scale_hyper.data import shards as shardlib
+
+Segment = Tuple[int, int, int]  # (shard index in the manifest, first row, end row) in permuted rows
+
+
+@dataclass(frozen=True)
+class LoaderSpec:
+    """Everything a worker needs, picklable (spawn-safe): plain values, no open files."""
+
+    urls: Tuple[str, ...]
+    names: Tuple[str, ...]
+    counts: Tuple[int, ...]
+    bases: Tuple[int, ...]  # global id of each shard's first sequence
+    dtype: str
+    seq_len: int
+    vocab_size: int
+    sequences_per_block: int
+    special: Dict[str, int]
+    mask_prob: float
+    on_corrupt: str
+    allow_pipe: bool
+    seed: int
+    rank: int
+    world_size: int
+    workers: int  # logical workers per rank (num_workers, at least 1)
+    batch: int
+    fingerprint: str = ""
+
+    @property
+    def slots(self) -> int:
+        return self.world_size * self.workers
+
+
+def data_fingerprint(manifest: Dict[str, Any], split: str = "train") -> str:
+    """Identifies the shard set (names, counts, hashes): a cursor only applies to the same data."""
+    entries = [(s["name"], s["sequences"], s.get("sha256", "")) for s in manifest["splits"][split]["shards"]]
+    h = hashlib.sha256(repr((manifest["seq_len"], manifest.get("tokenizer", {}).get("sha256"), entries)).encode())
+    return h.hexdigest()[:16]
+
+
+def build_spec(
+    data_cfg, manifest: Dict[str, Any], split: str, seed: int, rank: int, world_size: int, workers: int, batch: int
+) -> LoaderSpec:
+    shards = manifest["splits"].get(split, {}).get("shards", [])
+    counts = tuple(int(s["sequences"]) for s in shards)
+    bases = tuple(int(b) for b in np.cumsum((0,) + counts)[:-1])
+    if data_cfg.on_corrupt not in ("skip", "fail"):
+        raise ValueError(f"data.on_corrupt={data_cfg.on_corrupt!r} must be 'skip' or 'fail'")
+    return LoaderSpec(
+        urls=tuple(shardlib.shard_urls(manifest, split)),
+        names=tuple(s["name"] for s in shards),
+        counts=counts,
+        bases=bases,
+        dtype=manifest["dtype"],
+        seq_len=int(manifest["seq_len"]),
+        vocab_size=int(manifest["vocab_size"]),
+        sequences_per_block=int(manifest["sequences_per_block"]),
+        special=dict(manifest["special_tokens"]),
+        mask_prob=float(data_cfg.mask_prob),
+        on_corrupt=data_cfg.on_corrupt,
+        allow_pipe=bool(data_cfg.allow_pipe),
+        seed=int(seed),
+        rank=int(rank),
+        world_size=int(world_size),
+        workers=max(1, int(workers)),
+        batch=int(batch),
+        fingerprint=data_fingerprint(manifest, split) if shards else "",
+    )
+
+
+def with_location(data_cfg, manifest: Dict[str, Any]) -> Dict[str, Any]:
+    """The manifest with the caller's data.output as its location (never a location from a file)."""
+    if "location" in manifest:
+        return manifest
+    from scale_hyper.data import storage
+
+    out = dict(manifest)
+    out["location"] = storage.local_path(data_cfg.output) if storage.is_local(data_cfg.output) else data_cfg.output
+    return out
+
+
+def check_world(rank: int, world_size: int, micro_batch_size: int) -> None:
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank={rank} is not in [0, world_size={world_size})")
+    if micro_batch_size < 1:
+        raise ValueError(f"micro_batch_size={micro_batch_size} must be positive")
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if torch.distributed.get_world_size() != world_size:
+            warnings.warn(
+                f"train_loader(world_size={world_size}) but the process group has "
+                f"{torch.distributed.get_world_size()} ranks; every data-parallel rank must pass its own rank "
+                "and the data-parallel world size, or ranks read overlapping data",
+                stacklevel=3,
+            )
+
+
+# --- epoch layout ------------------------------------------------------------------------------
+
+
+def _rng(*key: int) -> np.random.Generator:
+    return np.random.default_rng([int(k) % (1 << 64) for k in key])
+
+
+def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
+    return _rng(seed, epoch, 0x0D0E).permutation(n)
+
+
+def row_permutation(seed: int, epoch: int, shard: int, count: int) -> np.ndarray:
+    return _rng(seed, epoch, shard, 0x5E0).permutation(count)
+
+
+def plan_slots(order: Sequence[int], counts: Sequence[int], slots: int) -> Tuple[List[List[Segment]], int, int]:
+    """Deal shards to slots (see ``loader``'s module docstring). Returns (segments per slot, rounds, usable length)."""
+    order = [int(s) for s in order]
+    rounds = len(order) // slots
+    segs: List[List[Segment]] = [[] for _ in range(slots)]
+    for r in range(rounds):
+        for k in range(slots):
+            s = order[r * slots + k]
+            segs[k].append((s, 0, counts[s]))
+    tail = order[rounds * slots :]
+    total = sum(counts[s] for s in tail)
+    starts = np.cumsum([0] + [counts[s] for s in tail])
+    for k in range(slots):
+        lo, hi = k * total // slots, (k + 1) * total // slots
+        for j, s in enumerate(tail):  # the parts of the concatenated tail that fall in [lo, hi)
+            a, b = max(lo, int(starts[j])), min(hi, int(starts[j + 1]))
+            if a < b:
+                segs[k].append((s, a - int(starts[j]), b - int(starts[j])))
+    length = min(sum(hi - lo for _, lo, hi in seg) for seg in segs) if segs else 0
+    return segs, rounds, length
+
+
+@dataclass
+class EpochPlan:
+    segments: List[List[Segment]]
+    seg_starts: List[List[int]]  # cumulative start of each segment in its slot's stream
+    rounds: int
+    batches_per_slot: int
+
+
+class Planner:
+    """Caches epoch plans: cheap to compute, but asked for on every batch."""
+
+    def __init__(self, spec: LoaderSpec):
+        self.spec = spec
+        self._cache: OrderedDict[Tuple[int, int], EpochPlan] = OrderedDict()
+
+    def plan(self, epoch: int, skip: int) -> EpochPlan:
+        key = (epoch, skip)
+        if key not in self._cache:
+            order = epoch_order(self.spec.seed, epoch, len(self.spec.counts))[skip:]
+            segs, rounds, length = plan_slots(order, self.spec.counts, self.spec.slots)
+            starts = [list(np.cumsum([0] + [hi - lo for _, lo, hi in seg])[:-1]) for seg in segs]
+            self._cache[key] = EpochPlan(segs, starts, rounds, length // self.spec.batch)
+            while len(self._cache) > 4:
+                self._cache.popitem(last=False)
+        return self._cache[key]
+
+    def rank_batches(self, epoch: int, skip: int) -> int:
+        return self.plan(epoch, skip).batches_per_slot * self.spec.workers

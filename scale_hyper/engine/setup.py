@@ -1,0 +1,208 @@
+"""Building a training run, in named phases: data → model → DeepSpeed → residency → restore →
+tracking. Each phase is one function; ``build`` runs them in order and returns the components the
+loop uses (``Trainer``)."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+
+from scale_hyper.config import RunConfig, to_yaml
+from scale_hyper.engine import ds_config, init_from
+from scale_hyper.engine.checkpointer import Checkpointer, check_world_size, resolve_resume
+from scale_hyper.engine.distributed import DistInfo
+from scale_hyper.engine.evaluator import Evaluator
+from scale_hyper.engine.progress import log
+from scale_hyper.engine.reporter import Reporter
+from scale_hyper.engine.residency import keep_resident
+from scale_hyper.engine.state import TrainState
+from scale_hyper.engine.watchdog import Heartbeat, guard_plain_optimizer
+from scale_hyper.models.flops import peak_flops, train_flops_per_token
+
+
+@dataclass
+class Trainer:
+    """The components the loop calls, each with one job."""
+
+    run: RunConfig
+    info: DistInfo
+    engine: Any  # DeepSpeed's engine
+    loader: Any  # this rank's training batches; its state_dict() is the data cursor
+    state: TrainState
+    checkpointer: Checkpointer
+    evaluator: Evaluator
+    reporter: Reporter
+    tracker: Any
+    heartbeat: Heartbeat
+
+
+def prepare_data(run: RunConfig, info: DistInfo) -> Dict[str, Any]:
+    """Phase 1: the shards exist (rank 0 tokenizes, the others wait) and fit the model."""
+    from scale_hyper.data import check_vocab, ensure_prepared
+
+    for change in init_from.adopt_geometry(run):  # train.init_from: the weights decide the architecture
+        log(info, f"init_from {run.train.init_from}: {change}")
+    if info.is_main:
+        manifest = ensure_prepared(run.data, seed=run.train.seed)
+    dist.barrier()
+    if not info.is_main:
+        manifest = ensure_prepared(run.data, seed=run.train.seed)
+    check_vocab(manifest, run.model.vocab_size)
+    if run.train.init_from:
+        init_from.check_tokenizer(run, manifest)
+    return manifest
+
+
+def build_model(run: RunConfig, info: DistInfo, ckpt: Optional[Path]) -> torch.nn.Module:
+    """Phase 2: the same initial weights on every rank (or init_from's, for a new run)."""
+    from scale_hyper.models import build_model as build
+
+    torch.manual_seed(run.train.seed)
+    model = build(run.model, task="mlm")
+    if run.train.activation_checkpointing == "non_reentrant":
+        model.set_activation_checkpointing(True)
+    if ckpt is None and run.train.init_from:  # before deepspeed.initialize: ZeRO-3 partitions what is loaded
+        log(info, f"initialised from {init_from.load_weights(model, run.train.init_from)}")
+    return model
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float, decay_embeddings: bool) -> List[Dict[str, Any]]:
+    """AdamW groups: no decay on norms and biases (nor on embeddings unless configured)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        is_embedding = "embed" in name or "position" in name
+        skip = p.ndim < 2 or "norm" in name.lower() or (is_embedding and not decay_embeddings)
+        (no_decay if skip else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def start_deepspeed(run: RunConfig, info: DistInfo, model: torch.nn.Module, ckpt: Optional[Path]) -> tuple:
+    """Phase 3: the DeepSpeed engine, and the guard its optimizer lacks in ZeRO-0 fp32."""
+    import deepspeed
+
+    from scale_hyper import runs
+
+    ds = ds_config.build(run, info.world_size, info.device)
+    if ckpt is not None and runs.read_state(ckpt).get("universal"):
+        ds["checkpoint"] = {"load_universal": True}
+    groups = param_groups(model, run.train.weight_decay, run.train.decay_embeddings)
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds)
+    if not hasattr(engine.optimizer, "overflow"):  # ZeRO-0 fp32: a plain torch optimizer
+        guard_plain_optimizer(engine.optimizer)
+    return engine, ds
+
+
+def keep_shared_resident(run: RunConfig, engine: Any, model: torch.nn.Module) -> List[Any]:
+    """Phase 4: ZeRO-3 keeps the shared hypernetwork (and shared mixers) gathered on every rank."""
+    resident = keep_resident(engine, model.shared_modules()) if run.deepspeed.hypernet_resident else []
+    if run.train.compile:  # DeepSpeed's entry point: compiles the module in place, parameter names unchanged
+        engine.compile()
+    return resident
+
+
+def restore(checkpointer: Checkpointer, ckpt: Optional[Path], info: DistInfo) -> Dict[str, Any]:
+    """Phase 5: model, optimizer, schedule, RNG and trainer state from the checkpoint, if any."""
+    if ckpt is None:
+        return {}
+    saved = checkpointer.restore(ckpt)
+    log(info, f"resumed from {ckpt} at step {saved['step']}")
+    return saved
+
+
+def _cursor_for(saved: Dict[str, Any], info: DistInfo) -> Optional[Dict[str, Any]]:
+    cursors = saved.get("data_cursors")
+    if not cursors:
+        return None
+    if len(cursors) == info.world_size:
+        return cursors[info.rank]
+    from scale_hyper.data import resplit_cursor  # universal resume: re-split from the global position
+
+    return resplit_cursor(cursors, rank=info.rank, world_size=info.world_size)
+
+
+def start_tracking(run: RunConfig, info: DistInfo, ds: Dict[str, Any], resident: List[Any], saved: Dict[str, Any]) -> Any:
+    """Phase 6: the MLflow run (resumed when the checkpoint names one), with config and versions."""
+    from scale_hyper.tracking import start_tracker
+
+    extra = {
+        "world_size": info.world_size,
+        "git_commit": _git_commit(),
+        "resident_hypernet_params": sum(p.ds_numel for p in resident),
+        **_versions(),
+        **_flat(ds, "ds_config."),
+    }
+    tracker = start_tracker(run, rank=info.rank, resume_run_id=saved.get("mlflow_run_id"), extra_params=extra)
+    tracker.log_text(to_yaml(run), "config.yaml")
+    tracker.log_text(json.dumps(ds, indent=1), "ds_config.json")
+    return tracker
+
+
+def build(run: RunConfig, info: DistInfo) -> Trainer:
+    from scale_hyper.data import train_loader, val_loader
+
+    t = run.train
+    manifest = prepare_data(run, info)
+    ckpt = resolve_resume(t.resume, t.output_dir, info.world_size)
+    if ckpt is not None:
+        check_world_size(ckpt, info.world_size)
+    model = build_model(run, info, ckpt)
+    engine, ds = start_deepspeed(run, info, model, ckpt)
+    resident = keep_shared_resident(run, engine, model)
+    torch.manual_seed(t.seed + 1000 * info.rank)  # dropout differs across ranks
+    checkpointer = Checkpointer(run, engine, None, info, None)
+    saved = restore(checkpointer, ckpt, info)
+    tracker = start_tracking(run, info, ds, resident, saved)
+    loader = train_loader(run.data, manifest, seed=t.seed, rank=info.rank, world_size=info.world_size,
+                          micro_batch_size=t.micro_batch_size, state=_cursor_for(saved, info))  # fmt: skip
+    checkpointer.loader, checkpointer.tracker = loader, tracker
+    validation = val_loader(run.data, manifest, rank=info.rank, world_size=info.world_size,
+                            micro_batch_size=t.micro_batch_size, max_batches=t.eval_batches)  # fmt: skip
+    precision = ds_config.precision_of(ds)
+    reporter = Reporter(run, info, engine, tracker, train_flops_per_token(run.model, run.data.seq_len, run.data.mask_prob),
+                        peak_flops(info.device, precision))  # fmt: skip
+    log(info, f"world {info.world_size} (rank {info.rank}, local {info.local_rank}, master {info.master}), "
+              f"device {info.device.type}, ZeRO-{ds_config.zero_stage(ds)}, {precision}, "
+              f"{sum(p.numel() for p in model.parameters()):,} parameters, {len(resident)} resident shared tensors")  # fmt: skip
+    heartbeat = Heartbeat(info.rank, info.world_size)
+    heartbeat.start()
+    return Trainer(run, info, engine, loader, TrainState.from_dict(saved), checkpointer,
+                   Evaluator(engine, validation, info.device), reporter, tracker, heartbeat)  # fmt: skip
+
+
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent
+        )
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+
+
+def _versions() -> Dict[str, str]:
+    out = {}
+    for pkg in ("torch", "deepspeed", "transformers", "webdataset", "omegaconf", "scale-hyper"):
+        try:
+            out[f"version.{pkg}"] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            out[f"version.{pkg}"] = "not installed"
+    return out
+
+
+def _flat(d: Dict[str, Any], prefix: str) -> Dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out

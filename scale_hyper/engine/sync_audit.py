@@ -1,0 +1,92 @@
+"""A test and benchmark instrument: counts device→host syncs and collectives per optimizer step,
+by call site, telling ours (scale_hyper/) apart from DeepSpeed's.
+
+Off unless SCALE_HYPER_SYNC_AUDIT=PREFIX is set; then every rank writes PREFIX.rankR.json at exit:
+``{"steps": {"K": {"scale_hyper/engine/x.py:12 .item": n, ...}}}`` where interval K holds the calls
+made after optimizer step K was counted (its logging, evaluation, saving, stop check) and during the
+micro-batches of step K+1 — so the interval after a step that did none of those is a plain step's.
+Counted: Tensor.item/.tolist/.cpu(), float()/int()/bool() of a tensor, .to("cpu"), and the
+torch.distributed collectives.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import sys
+from collections import Counter, defaultdict
+from typing import Any, Callable, Dict, Optional
+
+import torch
+import torch.distributed as dist
+
+_COLLECTIVES = ("all_reduce", "all_gather", "all_gather_object", "all_gather_into_tensor", "broadcast",
+                "broadcast_object_list", "barrier", "reduce", "reduce_scatter", "reduce_scatter_tensor",
+                "gather", "scatter", "all_to_all", "all_to_all_single")  # fmt: skip
+_SYNCS = {"item": ".item", "tolist": ".tolist", "cpu": ".cpu", "__float__": "float()", "__int__": "int()",
+          "__bool__": "bool()"}  # fmt: skip
+_TORCH_DIR = os.path.dirname(torch.__file__)
+
+
+class _Audit:
+    def __init__(self, prefix: str) -> None:
+        self.prefix, self.step = prefix, -1
+        self.counts: Dict[int, Counter] = defaultdict(Counter)
+
+    def site(self) -> Optional[str]:
+        frame = sys._getframe(2)
+        while frame is not None and (frame.f_code.co_filename.startswith(_TORCH_DIR) or frame.f_code.co_filename == __file__):
+            frame = frame.f_back
+        if frame is None:
+            return None
+        path = frame.f_code.co_filename
+        for root in ("scale_hyper", "deepspeed"):
+            marker = f"{os.sep}{root}{os.sep}"
+            if marker in path:
+                return f"{root}/{path.rsplit(marker, 1)[1]}:{frame.f_lineno}"
+        return None  # tests, libraries: not the training process's hot path
+
+    def wrap(self, fn: Callable, label: str, only: Optional[Callable[..., bool]] = None) -> Callable:
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            if self.step >= 0 and (only is None or only(*args, **kwargs)):
+                where = self.site()
+                if where:
+                    self.counts[self.step][f"{where} {label}"] += 1
+            return fn(*args, **kwargs)
+
+        return counted
+
+    def write(self) -> None:
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        with open(f"{self.prefix}.rank{rank}.json", "w") as f:
+            json.dump({"steps": {str(k): dict(v) for k, v in sorted(self.counts.items())}}, f, indent=1)
+
+
+_active: Optional[_Audit] = None
+
+
+def _to_cpu(tensor: Any, *args: Any, **kwargs: Any) -> bool:
+    target = kwargs.get("device", args[0] if args else None)
+    return str(target).startswith("cpu")
+
+
+def install_if_requested() -> None:
+    global _active
+    prefix = os.environ.get("SCALE_HYPER_SYNC_AUDIT")
+    if not prefix or _active is not None:
+        return
+    _active = audit = _Audit(prefix)
+    for name, label in _SYNCS.items():
+        setattr(torch.Tensor, name, audit.wrap(getattr(torch.Tensor, name), label))
+    torch.Tensor.to = audit.wrap(torch.Tensor.to, '.to("cpu")', only=_to_cpu)
+    for name in _COLLECTIVES:
+        if hasattr(dist, name):
+            setattr(dist, name, audit.wrap(getattr(dist, name), f"dist.{name}"))
+    atexit.register(audit.write)
+
+
+def mark_step(step: int) -> None:
+    """Called once per optimizer step, right after it is counted (watchdog.count_update)."""
+    if _active is not None:
+        _active.step = step

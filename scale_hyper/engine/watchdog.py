@@ -1,0 +1,128 @@
+"""The watchdog: stop signals, the non-finite-update guard, and heartbeats for naming a dead rank.
+
+None of it costs the hot path a device sync or a collective on a plain step:
+- signals set a flag; ranks agree on it (one all-reduce) only every ``train.stop_check_every`` steps;
+- the guard reads DeepSpeed's own verdict on the step (``engine.was_step_applied()``, a host bool its
+  overflow check computes anyway); only ZeRO-0 in fp32, where DeepSpeed has no check, gets ours;
+- heartbeats come from a daemon thread.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from typing import Any, List, Optional
+
+import torch
+import torch.distributed as dist
+
+from scale_hyper.engine import sync_audit
+
+
+class NonFiniteError(FloatingPointError):
+    """Too many optimizer steps in a row had non-finite gradients."""
+
+
+class StopSignals:
+    """SIGUSR1/SIGTERM (SLURM's --signal, preemption) → checkpoint and exit 0."""
+
+    def __init__(self) -> None:
+        self.signum: Optional[int] = None
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signum = signum
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name if self.signum else "train.stop_after_steps"
+
+    def agreed(self, device: torch.device) -> bool:
+        """Collective: True on every rank once any rank got a signal (ranks must stop at one step);
+        every rank then reports the signal that was received."""
+        flag = torch.tensor([float(self.signum or 0)], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        received = int(flag.item())
+        if received:
+            self.signum = received
+        return bool(received)
+
+
+def guard_plain_optimizer(optimizer: Any) -> None:
+    """Give a plain torch optimizer (ZeRO-0, fp32) the contract DeepSpeed's ZeRO and bf16 optimizers
+    have: a step whose gradients are not all finite is refused and ``optimizer.overflow`` says so,
+    so DeepSpeed skips the LR schedule for it and counts it. The gradients are already all-reduced
+    (identical on every rank) when ``step`` runs, so the ranks agree without a collective; the check
+    costs one host sync per optimizer step, as DeepSpeed's own overflow checks do."""
+    inner = optimizer.step
+
+    def step(*args: Any, **kwargs: Any) -> Any:
+        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        optimizer.overflow = bool(grads) and not bool(torch.stack([g.isfinite().all() for g in grads]).all())
+        if optimizer.overflow:
+            optimizer.zero_grad(set_to_none=True)
+            return None
+        return inner(*args, **kwargs)
+
+    optimizer.overflow = False
+    optimizer.step = step
+
+
+class Heartbeat:
+    """A daemon thread records 'alive at T' in the rendezvous store every few seconds. Ranks blocked
+    in a collective keep beating (the GIL is released there); a dead rank stops, so the survivors
+    can name it when their collective fails."""
+
+    PREFIX, EVERY_S = "scale_hyper/heartbeat/", 5.0
+
+    def __init__(self, rank: int, world_size: int) -> None:
+        self.rank, self.world_size = rank, world_size
+
+    def start(self) -> None:
+        if self.world_size > 1:
+            threading.Thread(target=self._beat, name="scale-hyper-heartbeat", daemon=True).start()
+
+    def _beat(self) -> None:
+        key = self.PREFIX + str(self.rank)
+        while True:
+            try:
+                dist.distributed_c10d._get_default_store().set(key, repr(time.time()))
+            except Exception:  # diagnostics only: never disturb training
+                return
+            time.sleep(self.EVERY_S)
+
+    def silent_ranks(self) -> List[int]:
+        """Other ranks whose heartbeat stopped advancing (best effort: the store lives with rank 0)."""
+        try:
+            store = dist.distributed_c10d._get_default_store()
+            keys = {r: self.PREFIX + str(r) for r in range(self.world_size) if r != self.rank}
+
+            def read() -> dict:
+                return {r: store.get(k) if store.check([k]) else b"" for r, k in keys.items()}
+
+            first = read()
+            time.sleep(2.5 * self.EVERY_S)  # a live rank beats at least twice in this window
+            second = read()
+        except Exception:
+            return []
+        return [r for r in keys if first[r] == second[r]]
+
+
+def count_update(engine: Any, state: Any) -> None:
+    """After an optimizer step: DeepSpeed's verdict on it (a host bool, no sync of ours)."""
+    if engine.was_step_applied():
+        state.bad_in_row = 0
+    else:
+        state.skipped, state.bad_in_row = state.skipped + 1, state.bad_in_row + 1
+    sync_audit.mark_step(state.step)
+
+
+def injected_nonfinite_steps() -> frozenset:
+    """Test hook: SCALE_HYPER_TEST_NONFINITE_STEPS=3,4 makes rank 0's loss NaN in those optimizer
+    steps (1-based), to prove the guard refuses them on every rank."""
+    import os
+
+    raw = os.environ.get("SCALE_HYPER_TEST_NONFINITE_STEPS", "")
+    return frozenset(int(s) for s in raw.split(",") if s.strip())

@@ -1,0 +1,120 @@
+"""Paths of a run directory, and which checkpoints in it are complete.
+
+A checkpoint is complete once its marker (``trainer_state.json``) exists: the marker is written
+last, atomically, after every rank finished its part, so a directory without it is an interrupted
+save and is never read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Union
+
+from scale_hyper.config import RunConfig
+
+MARKER = "trainer_state.json"
+_STEP_DIR = re.compile(r"^step_(\d+)(_universal)?$")
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+class NoCheckpointError(FileNotFoundError):
+    """A path that holds no complete checkpoint; the message says what was looked for."""
+
+
+def step_name(step: int, universal: bool = False) -> str:
+    return f"step_{step}" + ("_universal" if universal else "")
+
+
+def is_universal(ckpt: Path) -> bool:
+    return ckpt.name.endswith("_universal")
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """``train.output_dir``: every path inside it is named here and nowhere else."""
+
+    path: Path
+
+    def __init__(self, path: PathLike) -> None:
+        object.__setattr__(self, "path", Path(path))
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    @property
+    def export(self) -> Path:
+        return self.path / "hf"
+
+    @property
+    def metrics(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    @property
+    def config(self) -> Path:
+        return self.path / "config.yaml"
+
+    def step(self, step: int) -> Path:
+        return self.checkpoints / step_name(step)
+
+    def complete_checkpoints(self) -> List[Path]:
+        return complete_checkpoints(self.checkpoints)
+
+    def newest(self) -> Optional[Path]:
+        found = self.complete_checkpoints()
+        return found[-1] if found else None
+
+
+def is_checkpoint(path: PathLike) -> bool:
+    return (Path(path) / MARKER).is_file()
+
+
+def complete_checkpoints(save_dir: PathLike) -> List[Path]:
+    """Complete checkpoints in DeepSpeed's save directory, oldest first (universal after plain)."""
+    found = []
+    for d in Path(save_dir).glob("step_*"):
+        m = _STEP_DIR.match(d.name)
+        if m and is_checkpoint(d):
+            found.append((int(m.group(1)), bool(m.group(2)), d))
+    return [d for _, _, d in sorted(found)]
+
+
+def find_checkpoint(path: PathLike) -> Path:
+    """The checkpoint ``path`` means: itself, the newest in DeepSpeed's save directory, or the
+    newest of a run directory. Raises NoCheckpointError naming what it looked for."""
+    p = Path(path)
+    if is_checkpoint(p):
+        return p
+    for save_dir in (p, RunDir(p).checkpoints):
+        found = complete_checkpoints(save_dir)
+        if found:
+            return found[-1]
+    raise NoCheckpointError(
+        f"{p} holds no finished checkpoint: neither a checkpoint (no {MARKER}), a checkpoints/ directory "
+        f"nor a run output_dir with complete step_N/ in checkpoints/ — pass a run directory or one of its "
+        "checkpoints/step_N"
+    )
+
+
+def read_state(ckpt: PathLike) -> Dict[str, Any]:
+    with open(Path(ckpt) / MARKER) as f:
+        return json.load(f)
+
+
+def write_state(ckpt: PathLike, state: Dict[str, Any]) -> None:
+    """Write the marker atomically: the checkpoint is complete from the rename on."""
+    tmp = Path(ckpt) / (MARKER + ".tmp")
+    tmp.write_text(json.dumps(state, indent=1, sort_keys=True))
+    os.replace(tmp, Path(ckpt) / MARKER)
+
+
+def run_config_of(ckpt: PathLike) -> RunConfig:
+    """The resolved config a checkpoint was trained with (stored in its marker)."""
+    from omegaconf import OmegaConf
+
+    text = read_state(ckpt)["config_yaml"]
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.create(text)))

@@ -1,0 +1,86 @@
+"""The training hot path on 2 real CPU ranks: a plain optimizer step makes no device→host sync and no
+collective of ours (counted by call site with scale_hyper/engine/sync_audit.py), and the guard
+refuses a whole optimizer step with a non-finite gradient — in fp32 and bf16 — without advancing
+the LR schedule, then stops after train.max_bad_steps refused steps in a row."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+from launch import run_ranks, scale_hyper
+
+pytestmark = pytest.mark.slow
+
+COMMON = [
+    "data.max_documents=400", "data.vocab_size=512", "data.seq_len=64", "data.sequences_per_shard=128",
+    "model.num_layers=2", "train.micro_batch_size=4", "train.global_batch_size=16", "train.eval_batches=2",
+    "train.eval_every=1000", "train.save_every=1000", "train.export=false", "tracking.enabled=false",
+]  # fmt: skip
+# Our sync/collective call sites on a plain step (docs/benchmarks.md has the before/after table).
+OURS_PER_PLAIN_STEP = 0
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    wd = tmp_path_factory.mktemp("hot")
+    proc = subprocess.run(scale_hyper("prepare", *COMMON, f"data.output={wd}/shards"), cwd=wd, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return wd
+
+
+def metrics(run_dir: Path) -> list:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("zero", [1, 3])
+def test_plain_steps_make_no_sync_or_collective_of_ours(shards, zero):
+    out = shards / f"audit-z{zero}"
+    args = scale_hyper("train", *COMMON, f"data.output={shards}/shards", f"train.output_dir={out}",
+                       "train.max_steps=9", "train.log_every=4", "train.stop_check_every=4",
+                       f"deepspeed.zero_stage={zero}")  # fmt: skip
+    procs = run_ranks(args, 2, shards, extra_env={"SCALE_HYPER_SYNC_AUDIT": str(shards / f"audit-z{zero}")})
+    for p in procs:
+        assert p.returncode == 0, p.stdout[-4000:]
+    for rank in (0, 1):
+        steps = json.loads((shards / f"audit-z{zero}.rank{rank}.json").read_text())["steps"]
+        # Interval K = after step K was counted until step K+1 was: plain when step K did no
+        # logging/stop check (K % 4 != 0). Its own micro-batches (4 of them: accumulation 2 × ...) are in it.
+        plain = {k: v for k, v in steps.items() if int(k) % 4 and int(k) < 9}
+        assert len(plain) >= 5
+        for k, sites in plain.items():
+            ours = {s: n for s, n in sites.items() if s.startswith("scale_hyper/")}
+            assert sum(ours.values()) == OURS_PER_PLAIN_STEP, (k, ours)
+            assert any(s.startswith("deepspeed/") for s in sites), "the audit sees DeepSpeed's calls too"
+        # A logging step does sync (the window's loss all-reduce): the audit can tell.
+        assert any(s.startswith("scale_hyper/") for s in steps["4"])
+
+
+@pytest.mark.parametrize("zero,precision", [(0, "fp32"), (2, "bf16"), (1, "fp32")])
+def test_a_non_finite_step_is_refused_whole_and_the_schedule_waits(shards, zero, precision):
+    out = shards / f"nan-{zero}-{precision}"
+    args = scale_hyper("train", *COMMON, f"data.output={shards}/shards", f"train.output_dir={out}",
+                       "train.max_steps=6", "train.log_every=1", "train.warmup_ratio=0.99", "train.max_bad_steps=3",
+                       f"deepspeed.zero_stage={zero}", f"deepspeed.precision={precision}")  # fmt: skip
+    # Rank 0's loss is NaN in step 3 only: both ranks must refuse the whole step (2 micro-batches each).
+    procs = run_ranks(args, 2, shards, extra_env={"SCALE_HYPER_TEST_NONFINITE_STEPS": "3"})
+    for p in procs:
+        assert p.returncode == 0, p.stdout[-4000:]
+    rows = {r["step"]: r for r in metrics(out) if "loss" in r}
+    assert [rows[s]["skipped_steps"] for s in range(1, 7)] == [0, 0, 1, 1, 1, 1]
+    lr = [rows[s]["lr"] for s in range(1, 7)]
+    assert lr[2] == lr[1] and lr[1] > lr[0] and lr[3] > lr[2]  # warm-up: only applied steps advance it
+    assert all(rows[s]["loss"] == rows[s]["loss"] for s in rows)  # the logged mean leaves the NaN out
+
+
+def test_refused_steps_in_a_row_stop_with_a_checkpoint(shards):
+    out = shards / "nan-stop"
+    args = scale_hyper("train", *COMMON, f"data.output={shards}/shards", f"train.output_dir={out}",
+                       "train.max_steps=8", "train.log_every=1", "train.max_bad_steps=2")  # fmt: skip
+    procs = run_ranks(args, 2, shards, extra_env={"SCALE_HYPER_TEST_NONFINITE_STEPS": "3,4"})
+    assert [p.returncode for p in procs] == [3, 3], procs[0].stdout[-4000:]
+    assert "2 optimizer steps in a row had non-finite gradients (step 4)" in procs[0].stdout
+    state = json.loads((out / "checkpoints" / "step_4" / "trainer_state.json").read_text())
+    assert state["skipped"] == 2 and state["bad_in_row"] == 2
