@@ -32,14 +32,20 @@ def start_ranks(args: Sequence[str], world: int, cwd: Path, extra_env=None) -> L
     port = free_port()
     return [
         subprocess.Popen(
-            list(args), cwd=cwd, env=rank_env(r, world, port, extra_env),
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            list(args),
+            cwd=cwd,
+            env=rank_env(r, world, port, extra_env),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )  # fmt: skip
         for r in range(world)
     ]
 
 
-def run_ranks(args: Sequence[str], world: int, cwd: Path, timeout: float = 600, extra_env=None) -> List[subprocess.CompletedProcess]:
+def run_ranks(
+    args: Sequence[str], world: int, cwd: Path, timeout: float = 600, extra_env=None
+) -> List[subprocess.CompletedProcess]:
     procs = start_ranks(args, world, cwd, extra_env)
     results = []
     for p in procs:

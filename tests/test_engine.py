@@ -32,7 +32,9 @@ def losses(output_dir: Path) -> dict:
 def workdir(tmp_path_factory):
     """One prepared shard set shared by the tests (preparing is not what they test)."""
     wd = tmp_path_factory.mktemp("engine")
-    proc = subprocess.run(scale_hyper("prepare", *COMMON, f"data.output={wd}/shards"), cwd=wd, capture_output=True, text=True)
+    proc = subprocess.run(
+        scale_hyper("prepare", *COMMON, f"data.output={wd}/shards"), cwd=wd, capture_output=True, text=True
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return wd
 
@@ -128,7 +130,9 @@ def test_resume_at_other_world_size_needs_universal_then_works(workdir):
     assert refused.returncode == 2
     assert "saved by 2 ranks" in refused.stdout and "scale-hyper checkpoint universal" in refused.stdout
     ckpt = workdir / "uni" / "checkpoints" / "step_4"
-    conv = subprocess.run(scale_hyper("checkpoint", "universal", str(ckpt)), cwd=workdir, capture_output=True, text=True)
+    conv = subprocess.run(
+        scale_hyper("checkpoint", "universal", str(ckpt)), cwd=workdir, capture_output=True, text=True
+    )
     assert conv.returncode == 0, conv.stdout[-3000:] + conv.stderr[-3000:]
     resumed = ok(run_ranks(train_args(workdir, "uni", "train.max_steps=8", "deepspeed.zero_stage=3"), 1, workdir))
     assert "step_4_universal" in resumed and "training finished" in resumed
@@ -138,7 +142,9 @@ def test_resume_at_other_world_size_needs_universal_then_works(workdir):
 
 
 def test_dead_rank_stops_the_others_with_a_named_rank(workdir):
-    procs = start_ranks(train_args(workdir, "dead", "train.max_steps=100000", "train.dist_timeout_minutes=1"), 2, workdir)
+    procs = start_ranks(
+        train_args(workdir, "dead", "train.max_steps=100000", "train.dist_timeout_minutes=1"), 2, workdir
+    )
     metrics = workdir / "dead" / "metrics.jsonl"
     deadline = time.time() + 240
     while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 4):
@@ -154,7 +160,9 @@ def test_dead_rank_stops_the_others_with_a_named_rank(workdir):
 
 @pytest.mark.parametrize("launcher", ["deepspeed", "torchrun"])
 def test_runs_unchanged_under_launchers(workdir, launcher):
-    args = train_args(workdir, f"via-{launcher}", "train.max_steps=3", "train.export=false")[3:]  # drop "python -m scale_hyper"
+    args = train_args(workdir, f"via-{launcher}", "train.max_steps=3", "train.export=false")[
+        3:
+    ]  # drop "python -m scale_hyper"
     if launcher == "deepspeed":
         cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), "--module", "scale_hyper", *args]
     else:

@@ -24,7 +24,9 @@ def test_batch_arithmetic_and_clear_error():
 
 
 def test_generated_config_follows_run_config():
-    run = load_config(["deepspeed.zero_stage=3", "deepspeed.precision=bf16", "train.decay=cosine", "train.grad_clip=0.5"])
+    run = load_config(
+        ["deepspeed.zero_stage=3", "deepspeed.precision=bf16", "train.decay=cosine", "train.grad_clip=0.5"]
+    )
     ds = ds_config.build(run, 1, CPU)
     assert ds["zero_optimization"]["stage"] == 3 and ds["bf16"]["enabled"]
     assert ds["scheduler"]["type"] == "WarmupCosineLR" and ds["gradient_clipping"] == 0.5
@@ -32,7 +34,9 @@ def test_generated_config_follows_run_config():
 
 
 def test_preset_json_auto_values_come_from_our_config():
-    run = load_config([str(Path("ds_configs/zero3-offload.json")), "train.micro_batch_size=2", "train.global_batch_size=8"])
+    run = load_config(
+        [str(Path("ds_configs/zero3-offload.json")), "train.micro_batch_size=2", "train.global_batch_size=8"]
+    )
     ds = ds_config.build(run, 2, CPU)
     assert ds["zero_optimization"]["stage"] == 3 and "offload_param" in ds["zero_optimization"]
     assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (2, 2)

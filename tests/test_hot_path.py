@@ -26,7 +26,9 @@ OURS_PER_PLAIN_STEP = 0
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     wd = tmp_path_factory.mktemp("hot")
-    proc = subprocess.run(scale_hyper("prepare", *COMMON, f"data.output={wd}/shards"), cwd=wd, capture_output=True, text=True)
+    proc = subprocess.run(
+        scale_hyper("prepare", *COMMON, f"data.output={wd}/shards"), cwd=wd, capture_output=True, text=True
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return wd
 

@@ -21,6 +21,7 @@ import torch
 from tiny_models import tiny_config
 
 from scale_hyper.kernels import hypermixing_triton as fused_module
+from scale_hyper.kernels import splits as split_plan
 from scale_hyper.models import ModelConfig, build_model
 from scale_hyper.models import hypermixing as hypermixing_module
 from scale_hyper.models.hypermixing import hyper_mixing
@@ -117,10 +118,10 @@ def test_split_reductions_match_reference(kernels, monkeypatch, split, activatio
 
         return record
 
-    for name in ("_finish_fwd", "_finish_bwd"):
+    for name in ("finish_fwd", "finish_bwd"):  # the split epilogues, as the kernel module calls them
         monkeypatch.setattr(kernels, name, spy(name))
     check_against_reference(kernels, b, n, heads, c, p, activation, "mean", masked, split=split)
-    assert partials.keys() == {"_finish_fwd", "_finish_bwd"}
+    assert partials.keys() == {"finish_fwd", "finish_bwd"}
     assert all(part.shape == (b, heads, split, p, c) for part in partials.values())
     x, w1, _ = (t.detach() for t in inputs(b, n, heads, c, p))  # the same tensors as the check's
     if masked:
@@ -128,7 +129,7 @@ def test_split_reductions_match_reference(kernels, monkeypatch, split, activatio
         x, w1 = x * keep, w1 * keep
     for s in range(split):
         rows = slice(s * chunk, min((s + 1) * chunk, n))
-        got = partials["_finish_fwd"][:, :, s]
+        got = partials["finish_fwd"][:, :, s]
         if s * chunk >= n:  # an empty split still stores its (zero) partial
             assert not got.any()
             continue
@@ -138,8 +139,8 @@ def test_split_reductions_match_reference(kernels, monkeypatch, split, activatio
 
 
 def test_split_heuristic(kernels, monkeypatch):
-    splits = kernels.reduction_splits
-    assert kernels.sm_count(torch.device("cpu")) == kernels.INTERPRETER_SMS == 132
+    splits = split_plan.reduction_splits
+    assert split_plan.sm_count(torch.device("cpu")) == split_plan.INTERPRETER_SMS == 132
     assert splits(8 * 12, 512, 64, 132) == 2  # 96 programs on 132 SMs: 8 tiles, 4 per split
     assert splits(8 * 12, 8192, 64, 132) == 3  # B=8, H=12 at S=8192: 288 programs
     assert splits(64 * 12, 8192, 64, 132) == 1  # B·H already ≥ 2 per SM
@@ -151,7 +152,7 @@ def test_split_heuristic(kernels, monkeypatch):
             got = splits(programs, n, 64, 132)
             tiles = -(-n // 64)
             assert 1 <= got <= tiles
-            assert got == 1 or (programs < 264 and tiles // got >= kernels.MIN_SPLIT_TILES)
+            assert got == 1 or (programs < 264 and tiles // got >= split_plan.MIN_SPLIT_TILES)
     # split=None asks the heuristic (B·H, N, BLOCK_N, SM count); its answer is used.
     asked = []
     monkeypatch.setattr(kernels, "reduction_splits", lambda *a: asked.append(a) or 3)
@@ -286,7 +287,8 @@ def test_module_imports_and_falls_back_without_triton(monkeypatch):
     """A CPU install without triton: the kernel module imports, and the models run the reference."""
     monkeypatch.setitem(sys.modules, "triton", None)  # makes `import triton` raise ImportError
     monkeypatch.setitem(sys.modules, "triton.language", None)
-    spec = importlib.util.spec_from_file_location("hypermixing_no_triton", fused_module.__file__)
+    # Named inside scale_hyper.kernels so its relative import of .splits resolves.
+    spec = importlib.util.spec_from_file_location("scale_hyper.kernels.hypermixing_no_triton", fused_module.__file__)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     assert not module.triton_available() and not module.interpreting()

@@ -69,7 +69,12 @@ def _scheduler(run: RunConfig) -> Dict[str, Any]:
 
 def _optimizer(run: RunConfig) -> Dict[str, Any]:
     t, ds = run.train, run.deepspeed
-    params: Dict[str, Any] = {"lr": t.lr, "betas": list(t.adam_betas), "eps": t.adam_eps, "weight_decay": t.weight_decay}
+    params: Dict[str, Any] = {
+        "lr": t.lr,
+        "betas": list(t.adam_betas),
+        "eps": t.adam_eps,
+        "weight_decay": t.weight_decay,
+    }
     if ds.optimizer == "adamw" and not ds.offload_optimizer:
         params["torch_adam"] = True  # no JIT build; FusedAdam needs TORCH_CUDA_ARCH_LIST on some machines
     return {"type": "AdamW", "params": params}
@@ -141,7 +146,11 @@ def build(run: RunConfig, world_size: int, device: torch.device) -> Dict[str, An
 
 
 def _check_batch(ds: Dict[str, Any], world_size: int) -> None:
-    micro, accum, total = ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]
+    micro, accum, total = (
+        ds["train_micro_batch_size_per_gpu"],
+        ds["gradient_accumulation_steps"],
+        ds["train_batch_size"],
+    )
     if micro * accum * world_size != total:
         raise ConfigError(
             f"DeepSpeed batch sizes disagree: micro {micro} × accumulation {accum} × world {world_size} != "

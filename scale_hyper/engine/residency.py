@@ -30,7 +30,9 @@ def keep_resident(engine, modules: Iterable[nn.Module]) -> List[torch.nn.Paramet
     for module in modules:
         for param in module.parameters():
             if not hasattr(param, "ds_id"):
-                raise RuntimeError("keep_resident: parameter is not managed by ZeRO-3 (call after deepspeed.initialize)")
+                raise RuntimeError(
+                    "keep_resident: parameter is not managed by ZeRO-3 (call after deepspeed.initialize)"
+                )
             if param.ds_persist and any(param is p for p in persistent):  # `in` compares tensors elementwise
                 continue
             param.ds_persist = True

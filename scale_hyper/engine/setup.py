@@ -75,7 +75,8 @@ def build_model(run: RunConfig, info: DistInfo, ckpt: Optional[Path]) -> torch.n
 
 def param_groups(model: torch.nn.Module, weight_decay: float, decay_embeddings: bool) -> List[Dict[str, Any]]:
     """AdamW groups: no decay on norms and biases (nor on embeddings unless configured)."""
-    decay, no_decay = [], []
+    decay: List[torch.nn.Parameter] = []
+    no_decay: List[torch.nn.Parameter] = []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
@@ -101,7 +102,7 @@ def start_deepspeed(run: RunConfig, info: DistInfo, model: torch.nn.Module, ckpt
     return engine, ds
 
 
-def keep_shared_resident(run: RunConfig, engine: Any, model: torch.nn.Module) -> List[Any]:
+def keep_shared_resident(run: RunConfig, engine: Any, model: Any) -> List[Any]:
     """Phase 4: ZeRO-3 keeps the shared hypernetwork (and shared mixers) gathered on every rank."""
     resident = keep_resident(engine, model.shared_modules()) if run.deepspeed.hypernet_resident else []
     if run.train.compile:  # DeepSpeed's entry point: compiles the module in place, parameter names unchanged
@@ -129,7 +130,9 @@ def _cursor_for(saved: Dict[str, Any], info: DistInfo) -> Optional[Dict[str, Any
     return resplit_cursor(cursors, rank=info.rank, world_size=info.world_size)
 
 
-def start_tracking(run: RunConfig, info: DistInfo, ds: Dict[str, Any], resident: List[Any], saved: Dict[str, Any]) -> Any:
+def start_tracking(
+    run: RunConfig, info: DistInfo, ds: Dict[str, Any], resident: List[Any], saved: Dict[str, Any]
+) -> Any:
     """Phase 6: the MLflow run (resumed when the checkpoint names one), with config and versions."""
     from scale_hyper.tracking import start_tracker
 

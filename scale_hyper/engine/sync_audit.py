@@ -16,6 +16,7 @@ import json
 import os
 import sys
 from collections import Counter, defaultdict
+from types import FrameType
 from typing import Any, Callable, Dict, Optional
 
 import torch
@@ -35,8 +36,10 @@ class _Audit:
         self.counts: Dict[int, Counter] = defaultdict(Counter)
 
     def site(self) -> Optional[str]:
-        frame = sys._getframe(2)
-        while frame is not None and (frame.f_code.co_filename.startswith(_TORCH_DIR) or frame.f_code.co_filename == __file__):
+        frame: Optional[FrameType] = sys._getframe(2)
+        while frame is not None and (
+            frame.f_code.co_filename.startswith(_TORCH_DIR) or frame.f_code.co_filename == __file__
+        ):
             frame = frame.f_back
         if frame is None:
             return None
@@ -79,7 +82,7 @@ def install_if_requested() -> None:
     _active = audit = _Audit(prefix)
     for name, label in _SYNCS.items():
         setattr(torch.Tensor, name, audit.wrap(getattr(torch.Tensor, name), label))
-    torch.Tensor.to = audit.wrap(torch.Tensor.to, '.to("cpu")', only=_to_cpu)
+    torch.Tensor.to = audit.wrap(torch.Tensor.to, '.to("cpu")', only=_to_cpu)  # type: ignore[method-assign]
     for name in _COLLECTIVES:
         if hasattr(dist, name):
             setattr(dist, name, audit.wrap(getattr(dist, name), f"dist.{name}"))

@@ -64,7 +64,9 @@ def evaluate(model_path: str, args: Sequence[str] = ()) -> Dict[str, float]:
 
 
 def format_table(rows: Sequence[Dict]) -> str:
-    head = f"| {'model':<28} | {'val_loss':>8} | {'val_perplexity':>14} | {'val_accuracy':>12} | {'masked tokens':>13} |"
+    head = (
+        f"| {'model':<28} | {'val_loss':>8} | {'val_perplexity':>14} | {'val_accuracy':>12} | {'masked tokens':>13} |"
+    )
     lines = [head, "|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|"]
     for r in rows:
         m = r["metrics"]

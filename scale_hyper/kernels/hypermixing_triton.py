@@ -14,7 +14,7 @@ p×c matrix ``Hpre = W1ᵀX``, kept in fp32.
 Split-N reductions: B·H programs each walking all N tokens leave a GPU idle for long sequences and
 small batches (B=8, H=12: 96 programs on 132 SMs). With SPLIT > 1 (``reduction_splits``), program
 (bh, s) sums tokens [s·chunk, min((s+1)·chunk, N)) (chunk a multiple of BLOCK_N; a trailing split
-may be empty) into an fp32 partial buffer [B, H, SPLIT, p, c], and ``_finish_fwd`` / ``_finish_bwd``
+may be empty) into an fp32 partial buffer [B, H, SPLIT, p, c], and ``finish_fwd`` / ``finish_bwd`` (splits.py)
 add the splits and apply the epilogue (scale, GELU / GELU′) as torch ops on those small tensors.
 SPLIT = 1 is the single pass above, epilogue in the kernel, no partial buffer.
 
@@ -37,6 +37,8 @@ from types import SimpleNamespace
 
 import torch
 
+from .splits import finish_bwd, finish_fwd, reduction_splits, sm_count, split_chunk
+
 try:
     import triton
     import triton.language as tl
@@ -45,9 +47,6 @@ except ImportError:  # CPU-only installs: the reference path is used
     tl = None
 
 BLOCK_N = 64  # tokens per tile (a tl.dot dimension: a power of two >= 16)
-PROGRAMS_PER_SM = 2  # split-N reductions: aim for this many reduction programs per SM
-MIN_SPLIT_TILES = 4  # ... with at least this many BLOCK_N tiles per split
-INTERPRETER_SMS = 132  # stand-in SM count off CUDA (an H100 SXM), so the interpreter plans like one
 MIN_DIM, MAX_DIM = 16, 128  # tl.dot needs >= 16; a p×c fp32 tile above 128×128 would spill registers
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 SCALES = ("none", "sqrt", "mean")
@@ -103,7 +102,7 @@ if triton is not None:
         # [B, H, SPLIT, P, C] offset: the partial buffer, or Hpre/G themselves when SPLIT = 1
         part = pid.to(tl.int64) * tl.num_programs(1) + tl.program_id(1)
         tile = part * (P * C) + rp[:, None] * C + rc[None, :]
-        if PARTIAL:  # raw sum of this split; _finish_fwd adds the splits and applies the epilogue
+        if PARTIAL:  # raw sum of this split; finish_fwd adds the splits and applies the epilogue
             tl.store(hpre_ptr + tile, acc)
         else:
             if SCALE:
@@ -160,7 +159,7 @@ if triton is not None:
         # [B, H, SPLIT, P, C] offset: the partial buffer, or dHpre itself when SPLIT = 1
         part = pid.to(tl.int64) * tl.num_programs(1) + tl.program_id(1)
         tile = part * (P * C) + rp[:, None] * C + rc[None, :]
-        if PARTIAL:  # raw dG of this split; _finish_bwd adds the splits and applies the epilogue
+        if PARTIAL:  # raw dG of this split; finish_bwd adds the splits and applies the epilogue
             tl.store(dh_ptr + tile, acc)
         else:
             if ACT:  # gelu'(h) = Φ(h) + h·φ(h)
@@ -231,57 +230,6 @@ def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def sm_count(device: torch.device) -> int:
-    """Streaming multiprocessors of a CUDA device; INTERPRETER_SMS (an H100's 132) elsewhere."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return INTERPRETER_SMS
-
-
-def reduction_splits(programs: int, n: int, block_n: int, sms: int) -> int:
-    """SPLIT for the two N-reductions: how many token ranges each (batch, head) is cut into.
-
-    1 when the B·H programs already give every SM ~PROGRAMS_PER_SM of them (or N is short); else
-    enough splits to reach that, but at least MIN_SPLIT_TILES tiles of BLOCK_N tokens per split (so
-    a split's loop still amortises its partial store and the epilogue's extra launches), hence
-    never more than ⌈N/BLOCK_N⌉. E.g. B=8, H=12, N=8192, BLOCK_N=64 on 132 SMs: 96 programs → 3.
-    """
-    target = PROGRAMS_PER_SM * sms
-    if programs >= target:
-        return 1
-    return max(1, min(_cdiv(target, programs), _cdiv(n, block_n) // MIN_SPLIT_TILES))
-
-
-def _split_chunk(n: int, block_n: int, split: int) -> int:
-    """Tokens per split, a multiple of BLOCK_N; so the last split may be short, a forced one empty."""
-    return _cdiv(_cdiv(n, block_n), split) * block_n
-
-
-def _finish_fwd(part, divisor, activation, dtype):
-    """Epilogue of a split forward reduction on the small fp32 [B, H, SPLIT, P, C] partials."""
-    hpre = part.sum(dim=2)
-    if divisor is not None:
-        hpre = hpre / divisor[:, None, None, None]
-    g = 0.5 * hpre * (1.0 + torch.erf(hpre * 0.7071067811865476)) if activation else hpre
-    return hpre, g.to(dtype)
-
-
-def _finish_bwd(part, hpre, divisor, activation):
-    """Epilogue of a split backward reduction: dHpre = ΣdG · gelu'(Hpre) ÷ divisor, fp32."""
-    dh = part.sum(dim=2)
-    if activation:
-        cdf = 0.5 * (1.0 + torch.erf(hpre * 0.7071067811865476))
-        pdf = torch.exp(-0.5 * hpre * hpre) * 0.3989422804014327
-        dh = dh * (cdf + hpre * pdf)
-    if divisor is not None:
-        dh = dh / divisor[:, None, None, None]
-    return dh
-
-
 class FusedHyperMixing(torch.autograd.Function):
     """``Y = W2·act(W1ᵀX ÷ divisor)`` per (batch, head) on already-masked x, w1, w2 (same dtype).
 
@@ -296,7 +244,7 @@ class FusedHyperMixing(torch.autograd.Function):
         c, p = d // heads, w1.shape[-1] // heads
         if split is None:
             split = reduction_splits(b * heads, n, block_n, sm_count(x.device))
-        chunk = _split_chunk(n, block_n, split)
+        chunk = split_chunk(n, block_n, split)
         hpre = x.new_empty((b, heads, p, c), dtype=torch.float32)
         g = x.new_empty((b, heads, p, c))
         part = hpre if split == 1 else x.new_empty((b, heads, split, p, c), dtype=torch.float32)
@@ -309,7 +257,7 @@ class FusedHyperMixing(torch.autograd.Function):
             PARTIAL=split > 1, ACT=bool(activation), SCALE=scaled, **consts,
         )  # fmt: skip
         if split > 1:
-            hpre, g = _finish_fwd(part, divisor, activation, x.dtype)
+            hpre, g = finish_fwd(part, divisor, activation, x.dtype)
         kernels.expand_fwd[(triton.cdiv(n, block_n), b * heads)](
             w2, g, y, n, heads, w2.stride(0), w2.stride(1), y.stride(0), y.stride(1), **consts
         )
@@ -325,7 +273,7 @@ class FusedHyperMixing(torch.autograd.Function):
         b, n, d = x.shape
         c, p = d // heads, w1.shape[-1] // heads
         split = ctx.split  # the forward's
-        chunk = _split_chunk(n, block_n, split)
+        chunk = split_chunk(n, block_n, split)
         dh = torch.empty_like(hpre) if split == 1 else hpre.new_empty((b, heads, split, p, c))
         dx = x.new_empty((b, n, d))
         dw1 = w1.new_empty((b, n, heads * p))
@@ -338,7 +286,7 @@ class FusedHyperMixing(torch.autograd.Function):
             PARTIAL=split > 1, ACT=ctx.activation, SCALE=scaled, **consts,
         )  # fmt: skip
         if split > 1:
-            dh = _finish_bwd(dh, hpre, divisor, ctx.activation)
+            dh = finish_bwd(dh, hpre, divisor, ctx.activation)
         kernels.expand_bwd[(triton.cdiv(n, block_n), b * heads)](
             x, w1, dy, g, dh, dx, dw1, dw2,
             n, heads, x.stride(0), x.stride(1), w1.stride(0), w1.stride(1), dy.stride(0), dy.stride(1),

@@ -15,6 +15,7 @@ may be missing: it is imported lazily, and whenever it cannot run the reference 
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 from .layers import real_token_count
 
 KERNELS = ("torch", "triton", "auto")
-_fused_module = None  # scale_hyper.kernels.hypermixing_triton once imported; False: not importable
+_fused_module: Any = None  # scale_hyper.kernels.hypermixing_triton once imported; False: not importable
 _warned: set = set()
 
 
@@ -31,10 +32,9 @@ def _fused_kernels():
     global _fused_module
     if _fused_module is None:
         try:
-            from scale_hyper.kernels import hypermixing_triton
+            from scale_hyper.kernels import hypermixing_triton as _fused_module
         except ImportError:
-            hypermixing_triton = False
-        _fused_module = hypermixing_triton
+            _fused_module = False
     return _fused_module or None
 
 

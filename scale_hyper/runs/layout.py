@@ -117,4 +117,6 @@ def run_config_of(ckpt: PathLike) -> RunConfig:
     from omegaconf import OmegaConf
 
     text = read_state(ckpt)["config_yaml"]
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.create(text)))
+    run = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.create(text)))
+    assert isinstance(run, RunConfig)
+    return run
