@@ -61,3 +61,12 @@ def run_ranks(
 
 def scale_hyper(*args: str) -> List[str]:
     return [sys.executable, "-m", "scale_hyper", *args]
+
+
+def prepare_shards(workdir: Path, common: Sequence[str]) -> Path:
+    """Prepare one shard set in ``workdir`` (shared by a module's tests: preparing is not what they test)."""
+    proc = subprocess.run(
+        scale_hyper("prepare", *common, f"data.output={workdir}/shards"), cwd=workdir, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return workdir

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from launch import free_port, run_ranks, scale_hyper, start_ranks
+from launch import free_port, prepare_shards, run_ranks, scale_hyper, start_ranks
 
 pytestmark = pytest.mark.slow
 
@@ -31,12 +31,7 @@ def losses(output_dir: Path) -> dict:
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     """One prepared shard set shared by the tests (preparing is not what they test)."""
-    wd = tmp_path_factory.mktemp("engine")
-    proc = subprocess.run(
-        scale_hyper("prepare", *COMMON, f"data.output={wd}/shards"), cwd=wd, capture_output=True, text=True
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return wd
+    return prepare_shards(tmp_path_factory.mktemp("engine"), COMMON)
 
 
 def train_args(wd: Path, name: str, *extra: str) -> list:

@@ -6,11 +6,10 @@ the LR schedule, then stops after train.max_bad_steps refused steps in a row."""
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import pytest
-from launch import run_ranks, scale_hyper
+from launch import prepare_shards, run_ranks, scale_hyper
 
 pytestmark = pytest.mark.slow
 
@@ -25,12 +24,7 @@ OURS_PER_PLAIN_STEP = 0
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    wd = tmp_path_factory.mktemp("hot")
-    proc = subprocess.run(
-        scale_hyper("prepare", *COMMON, f"data.output={wd}/shards"), cwd=wd, capture_output=True, text=True
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return wd
+    return prepare_shards(tmp_path_factory.mktemp("hot"), COMMON)
 
 
 def metrics(run_dir: Path) -> list:
