@@ -64,6 +64,7 @@ def test_a_non_finite_step_is_refused_whole_and_the_schedule_waits(shards, zero,
     procs = run_ranks(args, 2, shards, extra_env={"SCALE_HYPER_TEST_NONFINITE_STEPS": "3"})
     for p in procs:
         assert p.returncode == 0, p.stdout[-4000:]
+    assert "max_bad_steps: 3" in (out / "config.yaml").read_text()  # the run dir's resolved config
     rows = {r["step"]: r for r in metrics(out) if "loss" in r}
     assert [rows[s]["skipped_steps"] for s in range(1, 7)] == [0, 0, 1, 1, 1, 1]
     lr = [rows[s]["lr"] for s in range(1, 7)]

@@ -14,6 +14,7 @@ from typing import Any, Dict, List, Optional
 import torch
 import torch.distributed as dist
 
+from scale_hyper import runs
 from scale_hyper.config import RunConfig, to_yaml
 from scale_hyper.engine import ds_config, init_from
 from scale_hyper.engine.checkpointer import Checkpointer, check_world_size, resolve_resume
@@ -90,8 +91,6 @@ def start_deepspeed(run: RunConfig, info: DistInfo, model: torch.nn.Module, ckpt
     """Phase 3: the DeepSpeed engine, and the guard its optimizer lacks in ZeRO-0 fp32."""
     import deepspeed
 
-    from scale_hyper import runs
-
     ds = ds_config.build(run, info.world_size, info.device)
     if ckpt is not None and runs.read_state(ckpt).get("universal"):
         ds["checkpoint"] = {"load_universal": True}
@@ -145,6 +144,10 @@ def start_tracking(
     }
     tracker = start_tracker(run, rank=info.rank, resume_run_id=saved.get("mlflow_run_id"), extra_params=extra)
     tracker.log_text(to_yaml(run), "config.yaml")
+    if info.is_main:  # the run directory carries the resolved config of its newest invocation
+        config_file = runs.RunDir(run.train.output_dir).config
+        config_file.parent.mkdir(parents=True, exist_ok=True)
+        config_file.write_text(to_yaml(run))
     tracker.log_text(json.dumps(ds, indent=1), "ds_config.json")
     return tracker
 
