@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shlex
 import sys
 from typing import Callable, List, Optional
 
@@ -126,6 +128,24 @@ def _report(args: argparse.Namespace) -> int:
     return report.main(refs, [a for a in args.refs if "=" in a], args.out)
 
 
+def _track(args: argparse.Namespace) -> int:
+    from scale_hyper.evaluation import track_sync
+
+    return track_sync.main(args.run_dir, args.configs, args.run_id, args.dry_run)
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    from scale_hyper.doctor import main as doctor
+
+    return doctor.main(_run_config(args.configs), args.configs, args.checks, args.json, args.steps, args.join_timeout)
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from scale_hyper.engine import planner
+
+    return planner.main(_run_config(args.configs), args.gpus, args.gpu, args.gpu_mem, args.mfu, args.json)
+
+
 def _with_configs(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("configs", nargs="*", metavar="CONFIG|key=value", help="presets, YAML/JSON files, overrides")
     return p
@@ -187,12 +207,45 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, default=0)
     _with_configs(p)
+    p = _with_configs(verb("plan", _plan, "per-GPU memory by ZeRO stage, largest micro batch, step time, days"))
+    p.add_argument("--gpus", type=int, required=True, help="world size: GPUs in the job")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--gpu", default=None, help="h100-sxm (default; h100), h100-pcie, h200, a100-40, a100-80, l40s")
+    g.add_argument("--gpu-mem", type=float, default=None, metavar="GiB", help="any GPU, by its memory")
+    p.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation for step time (default 0.4)")
+    p.add_argument("--json", action="store_true", help="every figure as one JSON object")
     p = verb("report", _report, "plots and a table from MLflow runs")
     p.add_argument(
         "refs", nargs="+", metavar="RUN_ID|EXPERIMENT|key=value", help="runs or experiments; tracking.uri=..."
     )
     p.add_argument("--out", default=None, help="output directory (default ./report)")
+    p = verb("track", _track, "MLflow tools: sync a run directory's metrics.jsonl into its MLflow run")
+    p.add_argument("action", choices=["sync"], help="sync: log the metric points MLflow lacks (idempotent)")
+    p.add_argument("run_dir", help="the run's train.output_dir (its metrics.jsonl and newest checkpoint)")
+    p.add_argument("--run-id", default=None, help="MLflow run id (default: from the newest checkpoint)")
+    p.add_argument("--dry-run", action="store_true", help="only count what is missing")
+    _with_configs(p)
+    p = _with_configs(verb("doctor", _doctor, "is this cluster ready? environment, collectives, kernels, a short run"))
+    p.add_argument("--checks", default=None, metavar="A,B", help="only these checks (default all): "
+                   "environment,collectives,kernels,sdpa,storage,training,resume")  # fmt: skip
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the table as JSON (rank 0)")
+    p.add_argument("--steps", type=int, default=8, help="optimizer steps of the training check (saved half-way)")
+    p.add_argument("--join-timeout", type=float, default=90.0, metavar="S",
+                   help="seconds every rank has to reach the rendezvous (a missing rank is named)")  # fmt: skip
     return parser
+
+
+APPEND_ENV = "SCALE_HYPER_APPEND"
+
+
+def _append_from_env(args: argparse.Namespace) -> None:
+    """``SCALE_HYPER_APPEND='key=value ...'``: CONFIG arguments appended to every verb that takes them, after
+    the command's own, so they win (a site or CI overlay; the docs test shrinks every documented command
+    with it, CONTRIBUTING.md). Said on stderr, so a log shows what ran."""
+    extra = shlex.split(os.environ.get(APPEND_ENV, ""))
+    if extra and isinstance(getattr(args, "configs", None), list) and args.verb != "transplant":
+        args.configs = [*args.configs, *extra]
+        print(f"scale-hyper: {APPEND_ENV} appends: {' '.join(extra)}", file=sys.stderr)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -203,10 +256,12 @@ def main(argv: Optional[List[str]] = None) -> int:
 
         argv = split_args(argv)
     args = build_parser().parse_args(argv)
-    from scale_hyper.config import ConfigError  # after parsing: `--help` has exited by now
+    _append_from_env(args)
+    from scale_hyper.config import errors  # after parsing: `--help` has exited by now
 
     try:
         return args.fn(args)
-    except ConfigError as err:
-        print(f"scale-hyper: error: {err}", file=sys.stderr)  # ConfigError reads "<what> — <fix>"
-        return 2
+    except Exception as err:  # user errors: one line, exit 2; internal errors keep their traceback
+        if errors.is_user_error(err):
+            return errors.report(err)
+        raise

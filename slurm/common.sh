@@ -10,6 +10,7 @@
 #                        "$@": the template's arguments, appended to the train command (key=value ...)
 #   sh_preflight         optional rank/connectivity check through the same launch path
 #   sh_train             run training as a background step, forward SIGUSR1 to it, requeue if preempted
+#   sh_doctor            run `scale-hyper doctor` instead (slurm/doctor.sbatch): table in the log, JSON beside it
 # See slurm/README.md for the why of each choice.
 
 sh_log() { echo "[slurm $(date +%H:%M:%S)] $*"; }
@@ -276,6 +277,18 @@ sh_run_step() {
     SH_STEP_PID=
 }
 
+sh_newest_checkpoint() {  # the step of the newest complete checkpoint in the run dir (empty: none)
+    local marker step newest=
+    for marker in "$RUN_DIR"/checkpoints/step_*/trainer_state.json; do
+        [[ -f $marker ]] || continue
+        step=${marker%/trainer_state.json}
+        step=${step##*/step_}
+        step=${step%_universal}
+        if [[ -z $newest ]] || (( step > newest )); then newest=$step; fi
+    done
+    printf '%s' "$newest"
+}
+
 sh_job_log() {  # this job's stdout file (the --output pattern, expanded by SLURM)
     scontrol show job "$SLURM_JOB_ID" 2>/dev/null | tr ' ' '\n' | awk -F= '$1 == "StdOut" {print $2; exit}'
 }
@@ -297,9 +310,12 @@ sh_train() {
         local log offset=0
         log=$(sh_job_log)
         [[ -n $log && -f $log ]] && offset=$(stat -c %s "$log")
+        local before after
+        before=$(sh_newest_checkpoint)
         sh_log "training: ${SH_SRUN[*]} <task wrapper> $(printf '%q ' "${inner[@]}")"
         sh_run_step "${SH_SRUN[@]}" "${SH_TASK[@]}" "${inner[@]}"
-        sh_log "training step exited with status $SH_STEP_RC"
+        after=$(sh_newest_checkpoint)
+        sh_log "training step exited with status $SH_STEP_RC (newest checkpoint: step ${after:-none})"
         if (( SH_PREEMPTED )) && [[ -n $log && -f $log ]] \
             && tail -c +$(( offset + 1 )) "$log" | grep -- "$FINISHED_PATTERN" >/dev/null; then
             sh_log "the run had already finished when the signal came: not requeueing"
@@ -308,9 +324,11 @@ sh_train() {
         if (( ! SH_PREEMPTED )); then
             return "$SH_STEP_RC"
         fi
-        if (( SH_STEP_RC != 0 )); then
-            sh_log "signalled, but training failed (status $SH_STEP_RC): not requeueing"
-            return "$SH_STEP_RC"
+        # Requeue on the evidence of a new complete checkpoint, not on the exit status: a launcher
+        # (deepspeed, torchrun) relaying the signal may exit non-zero while its ranks saved and exited 0.
+        if [[ -z $after || $after == "$before" ]]; then
+            sh_log "signalled, but no new checkpoint was completed (status $SH_STEP_RC): not requeueing"
+            return $(( SH_STEP_RC != 0 ? SH_STEP_RC : 1 ))
         fi
     fi
     if (( ${SLURM_RESTART_COUNT:-0} >= MAX_REQUEUES )); then
@@ -320,4 +338,30 @@ sh_train() {
     sh_log "checkpoint saved; requeueing job $SLURM_JOB_ID (it resumes from the checkpoint)"
     scontrol requeue "$SLURM_JOB_ID" || sh_die "scontrol requeue failed (was the job submitted with --requeue?)"
     return 0
+}
+
+# ---------------------------------------------------------------------------------------------------
+# Doctor (slurm/doctor.sbatch): `scale-hyper doctor` with the training job's configs, through the
+# same launch path (srun, one task per rank), in the foreground. The table goes to the job log, the
+# JSON beside it (<log without .out>.json, or DOCTOR_JSON). Returns the doctor's exit status
+# (0 nothing failed, 1 a check failed, 2 bad input).
+# ---------------------------------------------------------------------------------------------------
+sh_doctor() {
+    local log json rc=0
+    log=$(sh_job_log)
+    json=${DOCTOR_JSON:-}
+    if [[ -z $json && -n $log ]]; then
+        json=${log%.out}.json
+    elif [[ -z $json ]]; then
+        json=$RUN_DIR/doctor-$SLURM_JOB_ID.json
+    fi
+    local args=(doctor "${SH_TRAIN_ARGS[@]:1}" --json "$json" --join-timeout "${DOCTOR_JOIN_TIMEOUT:-90}")
+    if [[ -n ${DOCTOR_CHECKS:-} ]]; then
+        args+=(--checks "$DOCTOR_CHECKS")
+    fi
+    sh_srun_opts "$PROCS_PER_NODE"
+    sh_log "doctor: ${SH_SRUN[*]} <task wrapper> $(printf '%q ' "${SH_EXEC[@]}" scale-hyper "${args[@]}")"
+    "${SH_SRUN[@]}" "${SH_TASK[@]}" "${SH_EXEC[@]}" scale-hyper "${args[@]}" || rc=$?
+    sh_log "doctor exited with status $rc; JSON: $json"
+    return "$rc"
 }

@@ -143,28 +143,76 @@ def test_cursor_is_rank_independent_and_checked(synth):
         train_loader(cfg, other, seed=1, rank=0, world_size=2, micro_batch_size=8, state=loaders[0].state_dict())
 
 
-@pytest.mark.parametrize("new_world,new_batch", [(1, 4), (3, 4), (2, 6)])
-def test_resume_with_another_world_size_resplits_at_shard_granularity(tmp_path, new_world, new_batch):
+def _read_epoch0(cfg, manifest, layouts, takes):
+    """Read epoch 0 through a chain of layouts [(world, micro), ...], taking ``takes[i]`` batches per rank
+    in layout i (None: to the end of the epoch), resuming each from the cursors the previous one saved.
+    Returns the global ids read, in order."""
+    read, saved = [], None
+    for layout, take in zip(layouts, takes, strict=True):
+        world, batch, workers = (*layout, 0)[:3]  # (world, micro[, data.num_workers])
+        cfg = dataclasses.replace(cfg, num_workers=workers)
+        loaders = []
+        for r in range(world):
+            state = resplit_cursor(saved, rank=r, world_size=world) if saved else None
+            loaders.append(train_loader(cfg, manifest, seed=4, rank=r, world_size=world, micro_batch_size=batch,
+                                        state=state))  # fmt: skip
+        its = [iter(ld) for ld in loaders]
+        n = 0
+        while (take is None or n < take) and loaders[0].state_dict()["epoch"] == 0:
+            for it in its:
+                read += _ids(next(it))
+            n += 1
+        saved = [ld.state_dict() for ld in loaders]  # what the trainer gathers into the checkpoint
+    return read
+
+
+# (layouts as (world, micro), batches per rank taken in each before the next resume); 256 sequences in
+# 16 shards of 16. Measured: re-splitting reads no sequence twice in the epoch and skips only the end-of-
+# epoch remainder, fewer than new world × workers × micro sequences (the uninterrupted run skips its own).
+RESPLITS = {
+    "2->1": ([(2, 4), (1, 4)], [13, None]),
+    "1->2": ([(1, 4), (2, 4)], [21, None]),
+    "2->4": ([(2, 4), (4, 4)], [13, None]),
+    "2->4 (micro 4->2)": ([(2, 4), (4, 2)], [13, None]),
+    "micro 4->3 (same world)": ([(2, 4), (2, 3)], [9, None]),
+    "2->3->1 (chained)": ([(2, 4), (3, 4), (1, 2)], [5, 7, None]),
+    "2x2 workers->1x1": ([(2, 4, 2), (1, 4)], [11, None]),  # DataLoader worker processes, odd batch count
+    "1->2x2 workers": ([(1, 4), (2, 4, 2)], [9, None]),
+}
+
+
+@pytest.mark.parametrize("case", list(RESPLITS))
+def test_resume_with_another_layout_resplits_at_sample_granularity(tmp_path, case):
+    layouts, takes = RESPLITS[case]
     manifest = _synthetic(tmp_path / "d", [16] * 16)
     cfg = _cfg(tmp_path / "d")
-    consumed = []
+    read = _read_epoch0(cfg, manifest, layouts, takes)
+    repeated = len(read) - len(set(read))
+    skipped = 256 - len(set(read))
+    world, batch, workers = (*layouts[-1], 1)[:3]
+    assert repeated == 0, f"{case}: {repeated} sequences read twice"
+    assert skipped < world * max(1, workers) * batch, f"{case}: {skipped} sequences skipped"
+    straight = _read_epoch0(cfg, manifest, layouts[-1:], [None])  # the same epoch without interruption
+    assert len(straight) == len(set(straight)) and 256 - len(straight) < world * max(1, workers) * batch
+
+
+def test_resume_after_a_resplit_is_exact(tmp_path):
+    """A re-split epoch resumed again at the same layout continues with exactly the same batches."""
+    manifest = _synthetic(tmp_path / "d", [16] * 16)
+    cfg = _cfg(tmp_path / "d")
     old = [train_loader(cfg, manifest, seed=4, rank=r, world_size=2, micro_batch_size=4) for r in range(2)]
     for ld in old:
-        for b in _take(ld, 13):  # each rank: 52 of its 128 sequences = 3 whole shards + 4
-            consumed += _ids(b)
-    saved = [ld.state_dict() for ld in old]  # what the trainer gathers into the checkpoint
-    rest = []
-    for r in range(new_world):
-        state = resplit_cursor(saved, rank=r, world_size=new_world)
-        ld = train_loader(cfg, manifest, seed=4, rank=r, world_size=new_world, micro_batch_size=new_batch, state=state)
-        it = iter(ld)
-        while ld.state_dict()["epoch"] == 0:
-            rest += _ids(next(it))
-    assert len(rest) == len(set(rest))
-    replayed = set(consumed) & set(rest)
-    assert len(replayed) == 2 * 52 - 6 * 16, "exactly the partly read shards are re-read"
-    missing = set(range(256)) - set(consumed) - set(rest)
-    assert len(missing) < new_world * new_batch + 16, "nothing beyond the usual batch remainder is skipped"
+        _take(ld, 5)
+    state = resplit_cursor([ld.state_dict() for ld in old], rank=0, world_size=1)
+    a = train_loader(cfg, manifest, seed=4, rank=0, world_size=1, micro_batch_size=4, state=state)
+    first = _take(a, 3)
+    assert a.state_dict()["resplits"] == [[2, 1, 4, 5]]
+    b = train_loader(cfg, manifest, seed=4, rank=0, world_size=1, micro_batch_size=4, state=a.state_dict())
+    c = train_loader(cfg, manifest, seed=4, rank=0, world_size=1, micro_batch_size=4, state=state)
+    assert _same(_take(b, 60), _take(c, 63)[3:])  # across the epoch boundary too
+    assert _same(
+        first, _take(train_loader(cfg, manifest, seed=4, rank=0, world_size=1, micro_batch_size=4, state=state), 3)
+    )
 
 
 def test_fewer_shards_than_readers_is_a_clear_error(tmp_path):

@@ -119,9 +119,10 @@ def test_zero_to_fp32_inside_checkpoint_works(workdir):
 
 
 def test_resume_at_other_world_size_needs_universal_then_works(workdir):
-    ok(run_ranks(train_args(workdir, "uni", "train.max_steps=8", "deepspeed.zero_stage=3",
+    g16 = "train.global_batch_size=16"  # the invariant: 8 × 2 ranks, then 8 × accumulation 2 × 1 rank
+    ok(run_ranks(train_args(workdir, "uni", "train.max_steps=8", "deepspeed.zero_stage=3", g16,
                             "train.stop_after_steps=4", "train.activation_checkpointing=non_reentrant"), 2, workdir))  # fmt: skip
-    refused = run_ranks(train_args(workdir, "uni", "train.max_steps=8", "deepspeed.zero_stage=3"), 1, workdir)[0]
+    refused = run_ranks(train_args(workdir, "uni", "train.max_steps=8", "deepspeed.zero_stage=3", g16), 1, workdir)[0]
     assert refused.returncode == 2
     assert "saved by 2 ranks" in refused.stdout and "scale-hyper checkpoint universal" in refused.stdout
     ckpt = workdir / "uni" / "checkpoints" / "step_4"
@@ -129,8 +130,9 @@ def test_resume_at_other_world_size_needs_universal_then_works(workdir):
         scale_hyper("checkpoint", "universal", str(ckpt)), cwd=workdir, capture_output=True, text=True
     )
     assert conv.returncode == 0, conv.stdout[-3000:] + conv.stderr[-3000:]
-    resumed = ok(run_ranks(train_args(workdir, "uni", "train.max_steps=8", "deepspeed.zero_stage=3"), 1, workdir))
+    resumed = ok(run_ranks(train_args(workdir, "uni", "train.max_steps=8", "deepspeed.zero_stage=3", g16), 1, workdir))
     assert "step_4_universal" in resumed and "training finished" in resumed
+    assert "micro 8 × accumulation 2 × world 1" in resumed and "none read twice" in resumed
     steps = losses(workdir / "uni")
     assert sorted(steps) == list(range(1, 9))
     assert abs(steps[5] - steps[4]) < 1.0  # continued training, not a restart from scratch

@@ -19,8 +19,60 @@ CPU = torch.device("cpu")
 def test_batch_arithmetic_and_clear_error():
     run = load_config(["train.micro_batch_size=4", "train.global_batch_size=32"])
     assert ds_config.batch_arithmetic(run, 2) == (4, 4, 32)
-    with pytest.raises(ConfigError, match=r"train.global_batch_size=28.*micro_batch_size=4.*world size 2"):
-        ds_config.batch_arithmetic(load_config(["train.micro_batch_size=4", "train.global_batch_size=28"]), 2)
+    with pytest.raises(
+        ConfigError, match=r"train.global_batch_size=30 cannot be split evenly over 4 ranks — .*28 or 32"
+    ):
+        ds_config.batch_arithmetic(load_config(["train.micro_batch_size=4", "train.global_batch_size=30"]), 4)
+
+
+@pytest.mark.parametrize(
+    "global_, bound, world, micro, accum",
+    [
+        (32, 32, 1, 32, 1),  # the main job
+        (32, 32, 2, 16, 1),  # the README's torchrun line: micro shrinks, the global batch stays
+        (32, 32, 8, 4, 1),
+        (4096, 32, 8, 32, 16),  # MosaicBERT-base on one 8-GPU node
+        (4096, 48, 8, 32, 16),  # the bound need not divide: the largest divisor ≤ it
+        (4096, 32, 256, 16, 1),  # world so large that micro < bound
+        (30, 4, 3, 2, 5),  # 10 per rank: 2 × 5 (5 > 4)
+        (28, 8, 2, 7, 2),  # not a multiple of the bound: micro 7
+    ],
+)
+def test_largest_micro_under_the_bound_keeps_the_global_batch(global_, bound, world, micro, accum):
+    run = load_config([f"train.micro_batch_size={bound}", f"train.global_batch_size={global_}"])
+    assert ds_config.batch_arithmetic(run, world) == (micro, accum, global_)
+    assert micro <= bound and micro * accum * world == global_
+    ds = ds_config.build(run, world, CPU)
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (
+        micro, accum, global_,
+    )  # fmt: skip
+
+
+def test_global_zero_means_bound_times_world():
+    run = load_config(["train.micro_batch_size=8", "train.global_batch_size=0"])
+    assert ds_config.batch_arithmetic(run, 3) == (8, 1, 24)
+    assert "micro 8 × accumulation 1 × world 3" in ds_config.describe_batch(run, 3)
+    assert "(bound train.micro_batch_size=32)" in ds_config.describe_batch(load_config([]), 2)
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.02, 0.5])
+def test_linear_decay_ends_at_min_lr_ratio(ratio):
+    from deepspeed.runtime.lr_schedules import WarmupDecayLR
+
+    run = load_config(
+        ["train.max_steps=1000", "train.warmup_ratio=0.06", f"train.min_lr_ratio={ratio}", "train.lr=1e-3"]
+    )
+    params = ds_config.build(run, 1, CPU)["scheduler"]["params"]
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    sched = WarmupDecayLR(opt, **params)
+
+    def lr_at(step):
+        sched.last_batch_iteration = step
+        return sched.get_lr()[0]
+
+    assert lr_at(60) == pytest.approx(1e-3)  # end of warm-up: 6 % of 1000 steps
+    assert lr_at(500) == pytest.approx(1e-3 * (1 - (1 - ratio) * 440 / 940))
+    assert lr_at(1000) == pytest.approx(ratio * 1e-3, abs=1e-12)  # at max_steps
 
 
 def test_generated_config_follows_run_config():
@@ -87,6 +139,39 @@ def test_universal_copy_is_chosen_only_for_another_world_size(tmp_path):
     with pytest.raises(checkpointer.ResumeError, match="scale-hyper checkpoint universal"):
         checkpointer.check_world_size(plain, 1)
     assert checkpointer.resolve_resume("none", str(tmp_path), 2) is None
+
+
+@pytest.mark.parametrize(
+    "saved, now, world_now, message",
+    [
+        (["train.global_batch_size=64"], ["train.global_batch_size=64", "train.micro_batch_size=8"], 4, None),
+        (["train.global_batch_size=0", "train.micro_batch_size=16"], ["train.global_batch_size=32"], 1, None),
+        (["train.global_batch_size=64"], ["train.global_batch_size=128"], 2, "set train.global_batch_size=64 to"),
+        # global 0 = bound × world: 16 × 2 saved; 32 × 2 now (the default bound) is another recipe
+        (
+            ["train.global_batch_size=0", "train.micro_batch_size=16"],
+            ["train.global_batch_size=0"],
+            2,
+            "with train.global_batch_size=32 sequences per step, this run has 64 — set train.global_batch_size=32",
+        ),
+        (["data.seq_len=64"], ["data.seq_len=128"], 2, "set data.seq_len=64 to continue it"),
+    ],
+)
+def test_resume_recipe_must_match_the_checkpoint(tmp_path, saved, now, world_now, message):
+    """Saved by 2 ranks; micro batch and world size may change, the global batch and seq_len may not."""
+    from scale_hyper.config import to_yaml
+
+    ckpt = _fake_ckpt(tmp_path, "step_4", 4, 2)
+    state = json.loads((ckpt / runs.MARKER).read_text())
+    state["config_yaml"] = to_yaml(load_config(saved))
+    (ckpt / runs.MARKER).write_text(json.dumps(state))
+    run = load_config(now)
+    global_now = ds_config.batch_arithmetic(run, world_now)[2]
+    if message is None:
+        checkpointer.check_recipe(ckpt, run, global_now)
+        return
+    with pytest.raises(checkpointer.ResumeError, match=message):
+        checkpointer.check_recipe(ckpt, run, global_now)
 
 
 def test_reentrant_checkpointing_is_refused_with_reason():

@@ -358,3 +358,32 @@ def test_preempted_job_checkpoints_requeues_and_resumes(submit, shards, tmp_path
     client, mrun = mlflow_run(tmp_path)  # the same MLflow run continued: no lost or repeated steps
     assert mrun.info.status == "FINISHED"
     assert sorted(loss_history(client, mrun.info.run_id)) == list(range(1, steps + 1))
+
+
+@pytest.mark.slow
+def test_sigterm_to_a_running_srun_jobs_process_group_checkpoints_and_exits_0(cluster, shards, tmp_path):
+    """`kill -TERM -<pgid>` of a running 2-rank `srun` step (what a user's Ctrl-C-less stop, or a
+    wrapper's `timeout`, does): srun cancels the step, slurmstepd sends SIGTERM to every task and
+    SIGKILL after KillWait (30 s here); the ranks agree on a step, checkpoint and exit 0 before that."""
+    out = tmp_path / "run"
+    cmd = [
+        "srun", f"--partition={cluster['partition']}", "--nodes=1", "--ntasks=2", "--cpus-per-task=1",
+        "scale-hyper", "train", "hyperbert-tiny", *TRAIN, f"data.output={shards}", f"train.output_dir={out}",
+        "train.max_steps=400", "train.stop_check_every=1", "train.export=false", "tracking.enabled=false",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SCALE_HYPER_TEST_STEP_SECONDS": "0.3"}
+    log = tmp_path / "srun.log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not re.search(r"\[scale-hyper\] step [3-9]/", log.read_text()):
+        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-4000:]
+        time.sleep(1)
+    os.killpg(proc.pid, 15)
+    rc = proc.wait(timeout=120)
+    text = log.read_text()
+    saved = re.search(r"stopped by SIGTERM: checkpoint saved at step (\d+)", text)
+    assert saved, text[-4000:]
+    assert (out / "checkpoints" / f"step_{saved.group(1)}" / "trainer_state.json").is_file()
+    assert "Killed" not in text and "Traceback" not in text, text[-4000:]
+    assert rc == 0, text[-4000:]

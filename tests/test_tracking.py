@@ -186,7 +186,7 @@ def test_resume_of_unknown_run_names_uri_and_fix(store):
     with pytest.raises(TrackingError) as err:
         start_tracker(_run(store), rank=0, resume_run_id=missing, extra_params={})
     msg = str(err.value)
-    assert missing in msg and "tracking.uri=" in msg and str(store) in msg and "Fix:" in msg
+    assert missing in msg and "tracking.uri=" in msg and str(store) in msg and " — set tracking.uri" in msg
 
 
 # ---------------------------------------------------------------- other ranks, disabled
@@ -222,7 +222,7 @@ def test_null_tracker_is_a_context_manager():
 # ---------------------------------------------------------------- failures
 
 
-def test_store_failure_during_training_warns_once_and_continues(store, client, caplog):
+def test_store_failure_during_training_warns_once_keeps_and_sends_later(store, client, caplog):
     tracker = start_tracker(_run(store), rank=0, resume_run_id=None, extra_params={})
     tracker.log_metrics({"loss": 3.0}, step=1)
     assert tracker.flush(30)
@@ -234,15 +234,81 @@ def test_store_failure_during_training_warns_once_and_continues(store, client, c
     tracker._client.log_batch = down
     with caplog.at_level(logging.WARNING, logger="scale_hyper.tracking"):
         for step in range(2, 8):
-            tracker.log_metrics({"loss": 3.0}, step=step)
-            assert tracker.flush(30)
+            tracker.log_metrics({"loss": 3.0 + step}, step=step)
+            assert tracker.flush(30)  # returns at once: kept in the backlog, not waiting for the store
+        assert tracker.undelivered == 6 and tracker.dropped == 0
         tracker._client.log_batch = real_log_batch
-        tracker.finish()  # the end of the run is always tried, even during a back-off
+        tracker.finish()  # the backlog and the end of the run are always tried, even during a back-off
     warnings = [r for r in caplog.records if "tracking failed" in r.message]
     assert len(warnings) == 1 and "Training continues" in warnings[0].message
-    assert tracker.dropped >= 6
+    assert tracker.undelivered == 0 and tracker.dropped == 0 and tracker.delivered_late == 6
     assert client.get_run(tracker.run_id).info.status == "FINISHED"
-    assert [m.step for m in client.get_metric_history(tracker.run_id, "loss")] == [1]
+    history = sorted((m.step, m.value) for m in client.get_metric_history(tracker.run_id, "loss"))
+    assert history == [(1, 3.0)] + [(s, 3.0 + s) for s in range(2, 8)]
+
+
+def test_store_still_down_at_the_end_names_track_sync(store, client, caplog, tmp_path):
+    tracker = start_tracker(
+        _run(store, f"train.output_dir={tmp_path}/run"), rank=0, resume_run_id=None, extra_params={}
+    )
+    tracker.max_backlog = 4  # the oldest points beyond it are dropped (metrics.jsonl still has them)
+
+    def down(*args, **kwargs):
+        raise ConnectionError("tracking server down")
+
+    tracker._client.log_batch = down
+    with caplog.at_level(logging.WARNING, logger="scale_hyper.tracking"):
+        for step in range(1, 7):
+            tracker.log_metrics({"loss": float(step)}, step=step)
+        assert tracker.flush(30)
+        assert tracker.undelivered == 4 and tracker.dropped == 2
+        tracker.finish()
+    assert any("dropping the oldest" in r.message for r in caplog.records)
+    end = [r.message for r in caplog.records if "did not reach the store" in r.message]
+    assert len(end) == 1 and f"scale-hyper track sync {tmp_path}/run" in end[0] and "6 metric point" in end[0]
+    assert client.get_metric_history(tracker.run_id, "loss") == []
+
+
+def test_sync_sends_only_missing_points_and_is_idempotent(store, client, tmp_path):
+    from scale_hyper.tracking.sync import describe, sync_metrics
+
+    tracker = start_tracker(_run(store), rank=0, resume_run_id=None, extra_params={})
+    tracker.log_metrics({"loss": 4.0, "val/acc": float("nan")}, step=1)
+    tracker.log_metrics({"loss": 3.5}, step=2)
+    tracker.finish()
+    rows = [
+        {"step": 1, "loss": 4.0, "val/acc": float("nan")},  # in MLflow already (NaN included)
+        {"step": 2, "loss": 3.5},
+        {"step": 3, "loss": 3.25, "grad_norm": float("inf"), "note": "text", "flag": True},
+        {"step": 3, "loss": 3.25},  # a repeated line (a step redone after a crash): one point
+        {"step": 4, "loss": 3.0, "weird key!": 1.0},
+    ]
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\nnot json\n")
+    uri = f"sqlite:///{store}"
+    first = sync_metrics(uri, tracker.run_id, path)
+    assert first.sent == {"loss": 2, "grad_norm": 1, "weird key_": 1} and first.status == "FINISHED"
+    assert "sent 4 missing" in describe(first, uri)[0]
+    assert sorted((m.step, m.value) for m in client.get_metric_history(tracker.run_id, "loss")) == [
+        (1, 4.0), (2, 3.5), (3, 3.25), (4, 3.0)
+    ]  # fmt: skip
+    again = sync_metrics(uri, tracker.run_id, path)
+    assert again.total_sent == 0 and "none missing" in describe(again, uri)[0]
+    assert len(client.get_metric_history(tracker.run_id, "grad_norm")) == 1
+
+
+def test_sync_ends_a_run_left_running_only_when_training_finished(store, client, tmp_path):
+    from scale_hyper.tracking.sync import sync_metrics
+
+    tracker = start_tracker(_run(store), rank=0, resume_run_id=None, extra_params={})
+    tracker._finished = True  # as if the process ended while the store was down: never ended
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+    uri = f"sqlite:///{store}"
+    assert sync_metrics(uri, tracker.run_id, tmp_path / "metrics.jsonl", dry_run=True).sent == {"loss": 1}
+    assert client.get_metric_history(tracker.run_id, "loss") == []
+    assert sync_metrics(uri, tracker.run_id, tmp_path / "metrics.jsonl").status == "RUNNING"
+    assert sync_metrics(uri, tracker.run_id, tmp_path / "metrics.jsonl", finished=True).status == "FINISHED"
+    assert client.get_run(tracker.run_id).info.status == "FINISHED"
 
 
 def _free_port() -> int:
@@ -258,6 +324,7 @@ def test_unreachable_server_fails_at_start_without_leaking_credentials(monkeypat
         start_tracker(run, rank=0, resume_run_id=None, extra_params={})
     msg = str(err.value)
     assert "tracking.uri=http://***@127.0.0.1" in msg and "SEKRIT" not in msg and "tracking.enabled=false" in msg
+    assert "connection refused" in msg and " — start the tracking server" in msg and "\n" not in msg
 
 
 def test_unknown_scheme_fails_at_start():

@@ -73,6 +73,22 @@ def _explain(err: OmegaConfBaseException, origin: str) -> ConfigError:
     return fail(f"invalid configuration (from {origin}): {first_line}", "fix the value named above")
 
 
+def _load_yaml(path: str) -> DictConfig:
+    """A YAML file; a syntax error names the file, line and column instead of a parser traceback."""
+    import yaml
+
+    try:
+        loaded = OmegaConf.load(path)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark else path
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise fail(f"{where}: YAML syntax error: {problem}", "fix the YAML at that position") from None
+    if not isinstance(loaded, DictConfig):
+        raise fail(f"{path} is not a YAML mapping of config groups", "write it as `group:` / `  key: value` lines")
+    return loaded
+
+
 def _load_source(arg: str) -> tuple[DictConfig, str]:
     """A CONFIG argument: a YAML path, a DeepSpeed JSON path, or a preset name."""
     if arg.endswith(".json"):
@@ -82,7 +98,7 @@ def _load_source(arg: str) -> tuple[DictConfig, str]:
     if arg.endswith((".yaml", ".yml")) or os.sep in arg:
         if not os.path.isfile(arg):
             raise fail(f"config file not found: {arg}", "check the path")
-        return OmegaConf.load(arg), arg
+        return _load_yaml(arg), arg
     if arg in available_presets():
         return OmegaConf.create(preset_text(arg)), f"preset {arg}"
     close = difflib.get_close_matches(arg, available_presets(), n=3)

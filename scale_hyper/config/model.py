@@ -21,6 +21,8 @@ MIXERS = ("bert", "hyperbert", "hypermixer", "hyla")
 class ConfigError(ValueError):
     """A user-facing configuration problem: ``<what> — <fix>``, naming the key."""
 
+    user_error = True  # scale_hyper.config.errors: one line, exit 2
+
 
 def fail(what: str, fix: str) -> ConfigError:
     return ConfigError(f"{what} — {fix}")

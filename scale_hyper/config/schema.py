@@ -78,12 +78,20 @@ class TrainConfig(ConfigGroup):
     GROUP: ClassVar[str] = "train"
 
     max_steps: int = option(300, "optimizer steps of the run (the LR schedule spans them)", ge=1)
-    micro_batch_size: int = option(32, "sequences per rank per forward", ge=1)
+    micro_batch_size: int = option(
+        32,
+        "upper bound on sequences per rank per forward (a memory knob): the engine picks the largest micro ≤ it "
+        "with micro × grad-accum × world = global_batch_size",
+        ge=1,
+    )
     global_batch_size: int = option(
-        32, "sequences per optimizer step = micro × grad-accum × world (a multiple of micro); 0 = micro × world", ge=0
+        32,
+        "sequences per optimizer step, the same at every world size (must divide by the world size); "
+        "0 = micro_batch_size × world",
+        ge=0,
     )
     lr: float = option(2e-3, "peak learning rate", gt=0)
-    min_lr_ratio: float = option(0.0, "final LR / peak LR (cosine decay)", ge=0, le=1)
+    min_lr_ratio: float = option(0.0, "final LR / peak LR at max_steps (linear or cosine decay)", ge=0, le=1)
     warmup_ratio: float = option(0.06, "fraction of max_steps spent in linear warmup", ge=0, lt=1)
     decay: str = option("linear", "LR decay after warmup", choices=("linear", "cosine"))
     weight_decay: float = option(0.01, "AdamW weight decay", ge=0)
@@ -142,12 +150,6 @@ class TrainConfig(ConfigGroup):
         if len(self.adam_betas) != 2:
             raise fail(
                 f"{group}.adam_betas={list(self.adam_betas)} is not two numbers", f"e.g. {group}.adam_betas=[0.9,0.98]"
-            )
-        micro, global_ = self.micro_batch_size, self.global_batch_size
-        if global_ and global_ % micro:
-            raise fail(
-                f"{group}.global_batch_size={global_} is not a multiple of {group}.micro_batch_size={micro}",
-                f"set {group}.global_batch_size to a multiple of {micro} × world size, or 0 for micro × world",
             )
 
 

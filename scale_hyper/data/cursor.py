@@ -3,35 +3,45 @@
 A cursor (``Cursor``) is the position after the last batch handed out; ``cursor_state`` is what
 ``TrainLoader.state_dict()`` saves and ``cursor_from_state`` reads it back for ``train_loader(state=...)``.
 Cursors are rank-independent (ranks move in lock-step). One saved with the same world size, workers
-and micro-batch size resumes exactly; one saved with another layout is re-split at shard
-granularity. The rules are described in ``scale_hyper.data.loader``'s module docstring.
+and micro-batch size resumes exactly (the same batches as without the interruption). One saved with
+another layout is re-split at sample granularity: the cursor records the layout the epoch was read
+with so far (``resplits``), and ``plan.slot_streams`` deals exactly the sequences that layout had not
+read to the new one — none is read twice, none skipped beyond the usual end-of-epoch remainder. The
+rules are described in ``scale_hyper.data.loader``'s module docstring.
+
+What a position is: (epoch, the epoch's shard order after ``skip_shards``, the chain of layouts it
+was read with, batches this rank took in the current layout). Everything else is a pure function of
+the seed and the manifest. A weighted mixture of sources would keep one such position per source
+plus the mixture's own step counter; a shuffle buffer is not needed (see ``loader``).
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from typing import Any, Dict, Optional, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence
 
-from scale_hyper.data.plan import LoaderSpec, epoch_order, plan_slots
+from scale_hyper.data.plan import LoaderSpec, Planner
 
 log = logging.getLogger("scale_hyper.data")
 
-CURSOR_VERSION = 1
+CURSOR_VERSION = 2  # 2 added ``resplits``; version-1 cursors (no re-split in progress) still load
 
 
 @dataclass
 class Cursor:
     epoch: int = 0
-    skip_shards: int = 0  # leading shards of this epoch's order already consumed (after a re-split)
-    batches_in_epoch: int = 0  # batches this rank has handed out in the epoch
+    skip_shards: int = 0  # leading shards of this epoch's order already consumed (version-1 re-splits)
+    batches_in_epoch: int = 0  # batches this rank has handed out in the epoch, in the current layout
     batches: int = 0  # total batches this rank has handed out
     sequences: int = 0  # total sequences consumed by all ranks together
+    # earlier layouts of this epoch, oldest first: [world_size, workers, micro batch, batches per rank]
+    resplits: List[List[int]] = field(default_factory=list)
 
 
 def cursor_state(spec: LoaderSpec, num_workers: int, cursor: Cursor) -> Dict[str, Any]:
     """The saved form of ``cursor`` (``TrainLoader.state_dict()``)."""
-    return {
+    state = {
         "version": CURSOR_VERSION,
         "seed": spec.seed,
         "world_size": spec.world_size,
@@ -40,50 +50,24 @@ def cursor_state(spec: LoaderSpec, num_workers: int, cursor: Cursor) -> Dict[str
         "data": spec.fingerprint,
         **vars(cursor),
     }
+    state["resplits"] = [list(r) for r in cursor.resplits]
+    return state
 
 
-def _resplit(state: Dict[str, Any], spec: LoaderSpec) -> Cursor:
-    """Map a cursor saved with another (R, W, B) onto this layout at shard granularity."""
-    old_w, old_r, old_b = int(state["num_workers"]) or 1, int(state["world_size"]), int(state["micro_batch_size"])
-    old_slots = old_r * old_w
-    epoch, skip, done = int(state["epoch"]), int(state["skip_shards"]), int(state["batches_in_epoch"])
-    order = epoch_order(spec.seed, epoch, len(spec.counts))[skip:]
-    segs, rounds, _ = plan_slots(order, spec.counts, old_slots)
-    complete = []
-    for k in range(old_slots):
-        w = k % old_w
-        consumed = len(range(w, done, old_w)) * old_b  # sequences slot k consumed in this epoch
-        full, acc = 0, 0
-        for _, lo, hi in segs[k][:rounds]:  # only whole shards count
-            acc += hi - lo
-            if acc > consumed:
-                break
-            full += 1
-        complete.append(full)
-    m = min(complete) if complete else 0
-    new_skip = skip + m * old_slots
-    seen = done * old_b * old_r
-    finished = sum(spec.counts[int(s)] for s in order[: m * old_slots])
+def _resplit(state: Dict[str, Any], spec: LoaderSpec, cursor: Cursor) -> Cursor:
+    """Continue a cursor saved with another (R, W, B) on this layout, at sample granularity."""
+    old = [int(state["world_size"]), max(1, int(state["num_workers"])), int(state["micro_batch_size"])]
+    done = cursor.batches_in_epoch
+    chain = [*cursor.resplits, [*old, done]] if done or cursor.resplits else []
+    new = Cursor(cursor.epoch, cursor.skip_shards, 0, cursor.batches, cursor.sequences, chain)
+    planner = Planner(spec)
+    left = planner.rank_batches(new.epoch, new.skip_shards, new.resplits)
     log.warning(
         "data cursor saved with world_size=%d, num_workers=%d, micro_batch_size=%d; resuming with %d, %d, %d: "
-        "epoch %d restarts after its first %d shards; %d sequences already seen this epoch are read again",
-        old_r,
-        old_w,
-        old_b,
-        spec.world_size,
-        spec.workers,
-        spec.batch,
-        epoch,
-        new_skip,
-        max(0, seen - finished),
-    )
-    return Cursor(
-        epoch=epoch,
-        skip_shards=new_skip,
-        batches_in_epoch=0,
-        batches=int(state.get("batches", 0)),
-        sequences=int(state.get("sequences", 0)),
-    )
+        "epoch %d continues with the %d batches per rank its unread sequences make (none read twice)",
+        *old, spec.world_size, spec.workers, spec.batch, new.epoch, left,
+    )  # fmt: skip
+    return new
 
 
 def resplit_cursor(cursors: Sequence[Optional[Dict[str, Any]]], rank: int, world_size: int) -> Dict[str, Any]:
@@ -102,7 +86,7 @@ def resplit_cursor(cursors: Sequence[Optional[Dict[str, Any]]], rank: int, world
 
 
 def cursor_from_state(state: Dict[str, Any], spec: LoaderSpec) -> Cursor:
-    if not isinstance(state, dict) or state.get("version") != CURSOR_VERSION:
+    if not isinstance(state, dict) or state.get("version") not in (1, CURSOR_VERSION):
         raise ValueError(f"not a data-loader cursor (version {CURSOR_VERSION}): {state!r:.120}")
     if int(state["seed"]) != spec.seed:
         raise ValueError(
@@ -114,10 +98,12 @@ def cursor_from_state(state: Dict[str, Any], spec: LoaderSpec) -> Cursor:
             "the data cursor belongs to different shards (the manifest changed since the checkpoint); "
             "point data.output at the data the run started with, or start the data stream afresh (state=None)"
         )
+    cursor = Cursor(
+        **{k: int(state[k]) for k in ("epoch", "skip_shards", "batches_in_epoch", "batches", "sequences")},
+        resplits=[[int(x) for x in r] for r in state.get("resplits", [])],
+    )
     # 0 and 1 workers are the same layout: one logical worker per rank
     old = (int(state["world_size"]), max(1, int(state["num_workers"])), int(state["micro_batch_size"]))
     if old == (spec.world_size, spec.workers, spec.batch):
-        return Cursor(
-            **{k: int(state[k]) for k in ("epoch", "skip_shards", "batches_in_epoch", "batches", "sequences")}
-        )
-    return _resplit(state, spec)
+        return cursor
+    return _resplit(state, spec, cursor)

@@ -27,18 +27,20 @@ the same plan without talking to the others):
 Rank and world size are always explicit arguments; webdataset's environment-based splitting
 (which silently gives every rank all data when only SLURM variables are set) is never used.
 
-Cursor and resume. ``TrainLoader.state_dict()`` is ``{epoch, skip_shards, batches_in_epoch, …}``
+Cursor and resume. ``TrainLoader.state_dict()`` is ``{epoch, batches_in_epoch, resplits, …}``
 after the last batch handed out. Ranks move in lock-step, so the cursor is the same on every rank
 and rank 0's copy can resume all of them. With the same R, W and B, a resumed loader yields exactly
 the batches the uninterrupted one would have (worker w is restarted at its own next batch and the
 DataLoader's worker order is rotated so the first batch comes from the right worker).
 
-With a different R, W or B the old layout cannot continue, and the cursor is re-split
-deterministically at shard granularity: slots consume their round-robin shards in lock-step, so
-after ``m`` complete rounds the first ``m × RW_old`` shards of the epoch's order are done. The
-resumed run starts the same epoch at that shard (``skip_shards``) and deals the remaining shards
-to the new R × W slots. At most one partially read shard per old slot is read again (logged with
-the count); nothing is skipped; later epochs are laid out normally. A cursor from a different seed
+With a different R, W or B (another world size, or another micro batch chosen for the same global
+batch) the old layout cannot continue, and the cursor is re-split at sample granularity: each old
+slot's stream after the sequences it consumed (a partly read shard, then its untouched shards) is
+concatenated slot by slot and cut into equal contiguous parts, one per new slot
+(``plan.slot_streams``); the cursor remembers the old layout (``resplits``), so further re-splits in
+the same epoch chain. Within the epoch no sequence is read twice, and none is skipped beyond the
+usual end-of-epoch remainder (fewer than new R × W × B sequences; measured in
+``tests/test_data_loader.py``). Later epochs are laid out normally. A cursor from a different seed
 or different data is rejected.
 
 Shuffling is exact-resume friendly by construction (global shuffle at prepare time, per-epoch shard
@@ -54,8 +56,11 @@ vocabulary always raise, naming the shard.
 
 from __future__ import annotations
 
+import atexit
 import bisect
 import logging
+import signal
+import weakref
 from collections import OrderedDict
 from typing import Any, Dict, Iterator, Optional, Tuple
 
@@ -126,7 +131,11 @@ class ShardReader:
                 take = np.arange(sp.counts[s]) % max(1, len(rows))
                 rows, uids = rows[take], uids[take]
             return rows, uids
-        raise RuntimeError("no readable training shard left (data.on_corrupt=skip skipped all of them)")
+        raise shardlib.CorruptShardError(
+            f"no readable training shard left ({len(self.bad)} of {len(self.spec.names)} unreadable, data.on_corrupt=skip) — "
+            "re-create the shards with `scale-hyper prepare` into a new data.output, or set data.on_corrupt=fail "
+            "to stop at the first bad one with its cause"
+        )
 
     def get(self, epoch: int, s: int) -> Tuple[np.ndarray, np.ndarray]:
         key = (epoch, s)
@@ -158,10 +167,11 @@ class _TrainStream(torch.utils.data.IterableDataset):
         planner, reader = Planner(sp), ShardReader(sp)
         masker = Masker(sp.vocab_size, sp.special.values(), sp.special["mask"], sp.mask_prob)
         epoch, skip, x = self.start.epoch, self.start.skip_shards, self.start.batches_in_epoch + phys
+        resplits = [tuple(r) for r in self.start.resplits]
         while True:
-            plan = planner.plan(epoch, skip)
+            plan = planner.plan(epoch, skip, resplits)
             total = plan.batches_per_slot * sp.workers
-            if total == 0 and skip == 0:
+            if total == 0 and skip == 0 and not resplits:
                 raise RuntimeError("an epoch holds no complete batch (see train_loader's checks)")
             key = stream_key(sp.seed, epoch)
             while x < total:
@@ -169,7 +179,7 @@ class _TrainStream(torch.utils.data.IterableDataset):
                 yield _make_batch(sp, plan, reader, masker, key, epoch, sp.rank * sp.workers + w, j)
                 x += nphys
             x -= total
-            epoch, skip = epoch + 1, 0
+            epoch, skip, resplits = epoch + 1, 0, []
 
 
 def _make_batch(
@@ -205,6 +215,17 @@ def to_batch(masked: Dict[str, np.ndarray], ids: np.ndarray, pad_id: int) -> Dic
 
 def _worker_init(_worker_id: int) -> None:
     torch.set_num_threads(1)  # workers do numpy work; don't fight the trainer for cores
+    # A stop signal sent to the whole process group (scancel, preemption, `timeout`) reaches the
+    # workers too: they must not die of it (torch would turn that into a crash of the trainer). The
+    # trainer checkpoints and exits; TrainLoader.close (also at interpreter exit) ends them.
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def _close_at_exit(ref: weakref.ref[TrainLoader]) -> None:
+    loader = ref()
+    if loader is not None:
+        loader.close()
 
 
 class TrainLoader:
@@ -219,12 +240,14 @@ class TrainLoader:
         self.multiprocessing_context = multiprocessing_context
         self.prefetch_factor = prefetch_factor
         self._planner = Planner(spec)
+        self._workers: Any = None  # the live DataLoader iterator (its worker processes), if any
+        atexit.register(_close_at_exit, weakref.ref(self))
         self._normalize()
 
     @property
     def batches_per_epoch(self) -> int:
         """Batches this rank yields in the current epoch (the same on every rank)."""
-        return self._planner.rank_batches(self.cursor.epoch, self.cursor.skip_shards)
+        return self._planner.rank_batches(self.cursor.epoch, self.cursor.skip_shards, self.cursor.resplits)
 
     @property
     def epoch(self) -> int:
@@ -232,16 +255,16 @@ class TrainLoader:
 
     def _normalize(self) -> None:
         c = self.cursor
-        while c.skip_shards and c.batches_in_epoch >= self._planner.rank_batches(c.epoch, c.skip_shards):
-            c.epoch, c.skip_shards, c.batches_in_epoch = c.epoch + 1, 0, 0  # a re-split left nothing here
+        while (c.skip_shards or c.resplits) and c.batches_in_epoch >= self.batches_per_epoch:
+            c.epoch, c.skip_shards, c.batches_in_epoch, c.resplits = c.epoch + 1, 0, 0, []  # a re-split left nothing
 
     def _advance(self) -> None:
         c = self.cursor
         c.batches += 1
         c.batches_in_epoch += 1
         c.sequences += self.spec.batch * self.spec.world_size
-        if c.batches_in_epoch >= self._planner.rank_batches(c.epoch, c.skip_shards):
-            c.epoch, c.skip_shards, c.batches_in_epoch = c.epoch + 1, 0, 0
+        if c.batches_in_epoch >= self.batches_per_epoch:
+            c.epoch, c.skip_shards, c.batches_in_epoch, c.resplits = c.epoch + 1, 0, 0, []
 
     def __iter__(self) -> Iterator[Dict[str, torch.Tensor]]:
         stream = _TrainStream(self.spec, Cursor(**vars(self.cursor)))
@@ -261,12 +284,22 @@ class TrainLoader:
                 generator=torch.Generator().manual_seed(self.spec.seed),
             )
             it = iter(dl)
+            self._workers = it
         try:
             for batch in it:
                 self._advance()  # the cursor is "after this batch" as soon as the caller holds it
                 yield batch
         finally:
             del it  # shuts the workers down when the caller stops iterating
+            self.close()
+
+    def close(self) -> None:
+        """Stop the worker processes now. They ignore SIGTERM (see _worker_init), so this — not the
+        terminate() multiprocessing sends at interpreter exit — is how they end; registered with
+        atexit, which runs it before multiprocessing's own exit handler."""
+        workers, self._workers = self._workers, None
+        if workers is not None and hasattr(workers, "_shutdown_workers"):
+            workers._shutdown_workers()
 
     def state_dict(self) -> Dict[str, Any]:
         return cursor_state(self.spec, self.num_workers, self.cursor)

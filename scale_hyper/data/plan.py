@@ -151,11 +151,62 @@ def plan_slots(order: Sequence[int], counts: Sequence[int], slots: int) -> Tuple
     return segs, rounds, length
 
 
+Layout = Sequence[int]  # a re-split: (world_size, workers, micro batch, batches each rank had taken)
+
+
+def _drop(segs: Sequence[Segment], n: int) -> List[Segment]:
+    """``segs`` without its first ``n`` sequences."""
+    out: List[Segment] = []
+    for s, lo, hi in segs:
+        take = min(n, hi - lo)
+        n -= take
+        if lo + take < hi:
+            out.append((s, lo + take, hi))
+    return out
+
+
+def _cut(units: Sequence[Segment], slots: int) -> List[List[Segment]]:
+    """The concatenation of ``units`` cut into ``slots`` equal contiguous parts (the last few dropped)."""
+    total = sum(hi - lo for _, lo, hi in units)
+    starts = np.cumsum([0] + [hi - lo for _, lo, hi in units])
+    part = total // slots
+    segs: List[List[Segment]] = [[] for _ in range(slots)]
+    for k in range(slots):
+        a0, b0 = k * part, (k + 1) * part
+        for j, (s, lo, _) in enumerate(units):
+            a, b = max(a0, int(starts[j])), min(b0, int(starts[j + 1]))
+            if a < b:
+                segs[k].append((s, lo + a - int(starts[j]), lo + b - int(starts[j])))
+    return segs
+
+
+def slot_streams(
+    spec: LoaderSpec, epoch: int, skip: int, resplits: Sequence[Layout] = ()
+) -> Tuple[List[List[Segment]], int]:
+    """Each slot's sequence stream in this epoch (as segments) and the number of sequences every slot uses.
+
+    Without ``resplits`` this is the normal layout (``plan_slots``). Each entry of ``resplits`` is a layout
+    the epoch was read with before a resume changed it: (R, W, B, batches each rank had taken). What that
+    layout's slots had not read yet — each slot's stream after the sequences it consumed — is concatenated
+    slot by slot and cut into equal contiguous parts for the next layout (the last is this loader's), so a
+    re-split epoch reads every sequence not yet read exactly once, at sample granularity."""
+    order = epoch_order(spec.seed, epoch, len(spec.counts))[skip:]
+    first = resplits[0] if resplits else (spec.world_size, spec.workers, 0, 0)
+    streams, _, length = plan_slots(order, spec.counts, first[0] * first[1])
+    for i, (_, workers, batch, done) in enumerate(resplits):
+        units: List[Segment] = []
+        for k, seg in enumerate(streams):  # slot k = rank × W + worker; worker w took batches w, w + W, ...
+            units += _drop(seg, len(range(k % workers, done, workers)) * batch)
+        nxt = resplits[i + 1] if i + 1 < len(resplits) else (spec.world_size, spec.workers, 0, 0)
+        streams = _cut(units, nxt[0] * nxt[1])
+        length = min(sum(hi - lo for _, lo, hi in seg) for seg in streams)
+    return streams, length
+
+
 @dataclass
 class EpochPlan:
     segments: List[List[Segment]]
     seg_starts: List[List[int]]  # cumulative start of each segment in its slot's stream
-    rounds: int
     batches_per_slot: int
 
 
@@ -164,18 +215,17 @@ class Planner:
 
     def __init__(self, spec: LoaderSpec):
         self.spec = spec
-        self._cache: OrderedDict[Tuple[int, int], EpochPlan] = OrderedDict()
+        self._cache: OrderedDict[Tuple[int, int, Tuple[Tuple[int, ...], ...]], EpochPlan] = OrderedDict()
 
-    def plan(self, epoch: int, skip: int) -> EpochPlan:
-        key = (epoch, skip)
+    def plan(self, epoch: int, skip: int, resplits: Sequence[Layout] = ()) -> EpochPlan:
+        key = (epoch, skip, tuple(tuple(int(x) for x in r) for r in resplits))
         if key not in self._cache:
-            order = epoch_order(self.spec.seed, epoch, len(self.spec.counts))[skip:]
-            segs, rounds, length = plan_slots(order, self.spec.counts, self.spec.slots)
+            segs, length = slot_streams(self.spec, epoch, skip, key[2])
             starts = [list(np.cumsum([0] + [hi - lo for _, lo, hi in seg])[:-1]) for seg in segs]
-            self._cache[key] = EpochPlan(segs, starts, rounds, length // self.spec.batch)
+            self._cache[key] = EpochPlan(segs, starts, length // self.spec.batch)
             while len(self._cache) > 4:
                 self._cache.popitem(last=False)
         return self._cache[key]
 
-    def rank_batches(self, epoch: int, skip: int) -> int:
-        return self.plan(epoch, skip).batches_per_slot * self.spec.workers
+    def rank_batches(self, epoch: int, skip: int, resplits: Sequence[Layout] = ()) -> int:
+        return self.plan(epoch, skip, resplits).batches_per_slot * self.spec.workers

@@ -38,6 +38,8 @@ _SHARD_NAME = re.compile(r"^(train|val)-[0-9]{6}\.tar$")
 class CorruptShardError(ValueError):
     """A shard that cannot be read or does not match its manifest entry."""
 
+    user_error = True  # scale_hyper.config.errors: one line, exit 2
+
 
 class Packer:
     """Packs documents into fixed-length sequences, appending them to a binary spill file."""

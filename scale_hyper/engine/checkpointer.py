@@ -12,6 +12,8 @@ Resuming at another world size needs DeepSpeed's universal format:
 
 from __future__ import annotations
 
+import errno
+import os
 import shutil
 import subprocess
 import sys
@@ -23,12 +25,16 @@ import torch.distributed as dist
 
 from scale_hyper import runs
 from scale_hyper.config import RunConfig, to_yaml
+from scale_hyper.config.batch import global_batch as effective_global_batch
+from scale_hyper.engine import disk
 from scale_hyper.engine.progress import log
 from scale_hyper.engine.state import TrainState
 
 
 class ResumeError(RuntimeError):
     """A checkpoint that cannot be resumed as asked; the message names the fix."""
+
+    user_error = True
 
 
 def resolve_resume(resume: str, output_dir: str, world_size: int) -> Optional[Path]:
@@ -65,6 +71,41 @@ def check_world_size(ckpt: Path, world_size: int) -> Dict[str, Any]:
     return state
 
 
+def check_recipe(ckpt: Path, run: RunConfig, global_batch: int) -> None:
+    """A resume continues the checkpoint's experiment: the global batch (sequences per optimizer step) and
+    seq_len must be the checkpoint's; world size and micro batch may change. Raises before any work."""
+    state = runs.read_state(ckpt)
+    if "config_yaml" not in state:
+        return
+    saved = runs.run_config_of(ckpt)
+    saved_global = effective_global_batch(
+        saved.train.global_batch_size, saved.train.micro_batch_size, int(state["world_size"])
+    )
+    where = f"checkpoint {ckpt}"
+    if saved_global != global_batch:
+        raise ResumeError(
+            f"{where} trained with train.global_batch_size={saved_global} sequences per step, this run has "
+            f"{global_batch} — set train.global_batch_size={saved_global} to continue it (the micro batch and "
+            f"world size may change), or start a new run (another train.output_dir, or train.resume=none)"
+        )
+    if saved.data.seq_len != run.data.seq_len:
+        raise ResumeError(
+            f"{where} trained with data.seq_len={saved.data.seq_len}, this run has {run.data.seq_len} — set "
+            f"data.seq_len={saved.data.seq_len} to continue it, or start a new run (another train.output_dir, "
+            f"or train.resume=none)"
+        )
+
+
+class OtherRankFailed(RuntimeError):
+    """This rank's part of a save went fine, another rank's did not."""
+
+
+class StorageError(RuntimeError):
+    """A checkpoint that could not be written (full disk, quota, I/O error, permissions)."""
+
+    user_error = True
+
+
 class Checkpointer:
     """Saves and restores one run's checkpoints (collective: every rank calls every method)."""
 
@@ -72,16 +113,88 @@ class Checkpointer:
         self.run, self.engine, self.loader, self.info, self.tracker = run, engine, loader, info, tracker
         self.run_dir = runs.RunDir(run.train.output_dir)
         self.last_saved = -1
+        self.params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in engine.module.parameters())
+        self.precision = "bf16" if engine.bfloat16_enabled() else "fp16" if engine.fp16_enabled() else "fp32"
+
+    def checkpoint_bytes(self) -> int:
+        return disk.estimate_checkpoint_bytes(self.params, self.precision, self.run_dir.newest())
+
+    def preflight(self) -> None:
+        """Warn (rank 0) when train.output_dir cannot hold keep + 1 checkpoints."""
+        if self.info.is_main:
+            self.run_dir.path.mkdir(parents=True, exist_ok=True)
+            warning = disk.preflight_message(
+                self.run_dir.path, self.checkpoint_bytes(), self.run.train.keep_checkpoints
+            )
+            if warning:
+                log(self.info, warning)
+
+    def _agree(self, failed: bool) -> bool:
+        """Collective: True on every rank when any rank failed."""
+        flag = torch.tensor([1.0 if failed else 0.0], device=self.info.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def _write(self, ckpt: Path) -> Optional[BaseException]:
+        """This rank's part of a save; the error it met, if any. Every rank leaves it having passed the
+        same collectives, failed or not, so no rank waits for one that gave up."""
+        rank = self.info.rank
+        error: Optional[BaseException] = None
+        try:
+            if rank == 0:
+                if ckpt.exists():  # a leftover interrupted save of this step
+                    shutil.rmtree(ckpt)
+                ckpt.mkdir(parents=True)
+            free_ok = disk.free_bytes(self.run_dir.checkpoints) >= self.checkpoint_bytes() or _skip_space_check()
+            if not free_ok:
+                error = OSError(errno.ENOSPC, "not enough free space for the checkpoint")
+        except OSError as err:
+            error = err
+        if self._agree(error is not None):  # nothing written yet: all ranks stop here together
+            return error or OtherRankFailed("another rank could not start the save")
+        try:
+            _inject_save_failure(self.engine, rank)
+            self.engine.save_checkpoint(str(self.run_dir.checkpoints), tag=ckpt.name)
+        except (OSError, RuntimeError) as err:
+            error = err
+            dist.barrier()  # the one DeepSpeed's save ends with, which the other ranks are waiting in
+        if error is None:
+            try:
+                torch.save(_rng_state(), ckpt / f"rank_{rank}.pt")
+            except (OSError, RuntimeError) as err:
+                error = err
+        if self._agree(error is not None):
+            return error or OtherRankFailed("another rank's part of the save failed")
+        return None
+
+    def _fail(self, ckpt: Path, error: BaseException) -> StorageError:
+        if self.info.is_main:
+            shutil.rmtree(ckpt, ignore_errors=True)
+        dist.barrier()
+        needed, free = self.checkpoint_bytes(), disk.free_bytes(self.run_dir.checkpoints)
+        cause = "no space left" if disk.looks_like_no_space(error, self.run_dir.checkpoints, needed) else "write failed"
+        who = (
+            str(error)
+            if isinstance(error, OtherRankFailed)
+            else f"rank {self.info.rank}: {' '.join(str(error).split())[:200]}"
+        )
+        newest = self.run_dir.newest()
+        return StorageError(
+            f"could not write checkpoint {ckpt}: {cause} ({who}); it needs ~{disk.human(needed)}, "
+            f"{disk.human(free)} is free there; "
+            f"the partial directory was removed, the newest complete checkpoint is {newest or 'none'} — free space "
+            f"(or raise the quota) under {self.run_dir.checkpoints}, or lower train.keep_checkpoints, or set "
+            f"train.output_dir to a larger filesystem; then rerun: train.resume=auto continues from the newest"
+        )
 
     def save(self, state: TrainState) -> Path:
         cursors: List[Any] = [None] * self.info.world_size
         dist.all_gather_object(cursors, self.loader.state_dict())
         ckpt, rank = self.run_dir.step(state.step), self.info.rank
-        if rank == 0 and ckpt.exists():  # a leftover interrupted save of this step
-            shutil.rmtree(ckpt)
-        dist.barrier()
-        self.engine.save_checkpoint(str(self.run_dir.checkpoints), tag=ckpt.name)
-        torch.save(_rng_state(), ckpt / f"rank_{rank}.pt")
+        error = self._write(ckpt)
+        if error is not None:
+            raise self._fail(ckpt, error)
+        _pause_before_marker(rank, state.step)
         dist.barrier()
         if rank == 0:
             runs.write_state(ckpt, {
@@ -120,6 +233,41 @@ class Checkpointer:
         plain = [c for c in self.run_dir.complete_checkpoints() if not runs.is_universal(c)]
         for old in plain[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
+
+
+# --- test hooks (environment variables; unset in real runs) -----------------------------------------
+
+
+def _skip_space_check() -> bool:
+    """SCALE_HYPER_TEST_SKIP_SPACE_CHECK=1: go ahead and let the disk fill mid-save (fault tests)."""
+    return os.environ.get("SCALE_HYPER_TEST_SKIP_SPACE_CHECK") == "1"
+
+
+def _inject_save_failure(engine: Any, rank: int) -> None:
+    """SCALE_HYPER_TEST_SAVE_FAILS_ON_RANK=R: rank R's own write inside DeepSpeed's save (its ZeRO
+    shard, after DeepSpeed's opening barrier) fails with ENOSPC, as when one node's disk fills."""
+    if os.environ.get("SCALE_HYPER_TEST_SAVE_FAILS_ON_RANK") != str(rank):
+        return
+
+    def fail(*args: Any, **kwargs: Any) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device (injected by SCALE_HYPER_TEST_SAVE_FAILS_ON_RANK)")
+
+    engine._save_zero_checkpoint = fail
+
+
+def _pause_before_marker(rank: int, step: int) -> None:
+    """A deterministic kill point for fault tests. SCALE_HYPER_TEST_PAUSE_IN_SAVE=STEP (and optionally
+    SCALE_HYPER_TEST_PAUSE_RANKS=0,1): once this rank's files of step STEP are written and before the
+    marker, write PAUSED_rankR into SCALE_HYPER_TEST_PAUSE_DIR and wait until CONTINUE appears there."""
+    ranks = os.environ.get("SCALE_HYPER_TEST_PAUSE_RANKS", str(rank)).split(",")
+    if os.environ.get("SCALE_HYPER_TEST_PAUSE_IN_SAVE") != str(step) or str(rank) not in ranks:
+        return
+    import time
+
+    where = Path(os.environ.get("SCALE_HYPER_TEST_PAUSE_DIR", "."))
+    (where / f"PAUSED_rank{rank}").write_text(str(os.getpid()))
+    while not (where / "CONTINUE").exists():
+        time.sleep(0.2)
 
 
 def _rng_state() -> Dict[str, Any]:

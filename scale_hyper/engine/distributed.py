@@ -1,19 +1,21 @@
 """Process-group setup that works the same under a plain `python`, the deepspeed launcher,
 torchrun and srun.
 
-srun sets only SLURM_* variables (DeepSpeed's own `--launcher slurm` falls back to mpi4py), so when
-RANK is missing we map SLURM_PROCID/SLURM_LOCALID/SLURM_NTASKS onto the torch.distributed names.
+The launcher-environment mapping (srun's SLURM_PROCID/SLURM_LOCALID/SLURM_NTASKS onto the
+torch.distributed names) and the device choice live in ``scale_hyper.dist``, shared with ``doctor``.
 """
 
 from __future__ import annotations
 
 import datetime
 import os
-import socket
-import subprocess
 from dataclasses import dataclass
 
 import torch
+
+from scale_hyper.dist import map_launcher_env, pick_device
+
+__all__ = ["DistInfo", "init_distributed", "map_launcher_env", "pick_device"]
 
 
 @dataclass(frozen=True)
@@ -27,51 +29,6 @@ class DistInfo:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
-
-
-def _first_slurm_host() -> str:
-    nodelist = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST")
-    if not nodelist:
-        return "127.0.0.1"
-    try:  # expands compressed lists such as node[01-04]
-        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=30)
-        if out.returncode == 0 and out.stdout.split():
-            return out.stdout.split()[0]
-    except (OSError, subprocess.TimeoutExpired):
-        pass
-    return nodelist.split(",")[0].split("[")[0]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def map_launcher_env(env=os.environ) -> None:
-    """Fill RANK/LOCAL_RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT from SLURM or single-process defaults."""
-    if "RANK" not in env and "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
-        env["RANK"] = env["SLURM_PROCID"]
-        env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
-        env["WORLD_SIZE"] = env["SLURM_NTASKS"]
-        env.setdefault("MASTER_ADDR", _first_slurm_host())
-        env.setdefault("MASTER_PORT", str(29500 + int(env.get("SLURM_JOB_ID", "0")) % 1000))
-    if "RANK" not in env:  # one plain process
-        env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
-        env.setdefault("MASTER_ADDR", "127.0.0.1")
-        env.setdefault("MASTER_PORT", str(_free_port()))
-    env.setdefault("LOCAL_RANK", "0")
-    env.setdefault("MASTER_ADDR", "127.0.0.1")
-    env.setdefault("MASTER_PORT", "29500")
-
-
-def pick_device(choice: str, local_rank: int) -> torch.device:
-    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise RuntimeError("train.device=cuda but no CUDA device is visible; use train.device=auto or cpu")
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
 
 
 def init_distributed(device_choice: str = "auto", timeout_minutes: float = 10.0) -> DistInfo:

@@ -17,20 +17,28 @@ from typing import Any, Dict
 import torch
 
 from scale_hyper.config import ConfigError, RunConfig
+from scale_hyper.config.batch import global_batch, split_batch
 
 
 def batch_arithmetic(run: RunConfig, world_size: int) -> tuple[int, int, int]:
-    """(micro, grad_accum, global); global = micro × accumulation × world, checked."""
-    micro, global_ = run.train.micro_batch_size, run.train.global_batch_size
-    if global_ == 0:
-        global_ = micro * world_size
-    if global_ % (micro * world_size):
-        raise ConfigError(
-            f"train.global_batch_size={global_} is not a multiple of train.micro_batch_size={micro} × "
-            f"world size {world_size} = {micro * world_size} — set train.global_batch_size to a multiple "
-            f"(e.g. {micro * world_size * max(1, round(global_ / max(1, micro * world_size)))}) or 0 for micro × world."
-        )
-    return micro, global_ // (micro * world_size), global_
+    """(micro, grad_accum, global). ``train.global_batch_size`` is the invariant (0 = bound × world);
+    ``train.micro_batch_size`` is an upper bound on the micro batch (``split_batch``)."""
+    bound = run.train.micro_batch_size
+    global_ = global_batch(run.train.global_batch_size, bound, world_size)
+    micro, accum = split_batch(global_, bound, world_size)
+    return micro, accum, global_
+
+
+def describe_batch(run: RunConfig, world_size: int) -> str:
+    """The log line for the batch split chosen at start."""
+    micro, accum, global_ = batch_arithmetic(run, world_size)
+    note = (
+        "" if micro == run.train.micro_batch_size else f" (bound train.micro_batch_size={run.train.micro_batch_size})"
+    )
+    return (
+        f"batch: global {global_} sequences/step = micro {micro}{note} × accumulation {accum} × world {world_size}; "
+        f"{global_ * run.data.seq_len:,} tokens/step"
+    )
 
 
 def resolve_precision(choice: str, device: torch.device) -> str:
@@ -55,10 +63,23 @@ def _scheduler(run: RunConfig) -> Dict[str, Any]:
                 "warmup_type": "linear",
             },
         }
+    ratio = t.min_lr_ratio
+    if ratio >= 1:  # constant after warm-up
+        return {
+            "type": "WarmupLR",
+            "params": {
+                "warmup_num_steps": warmup,
+                "warmup_min_lr": 0.0,
+                "warmup_max_lr": t.lr,
+                "warmup_type": "linear",
+            },
+        }
+    # WarmupDecayLR reaches 0 at total_num_steps: stretch it so the LR is min_lr_ratio × peak at max_steps
+    total = t.max_steps if ratio == 0 else (t.max_steps - ratio * warmup) / (1 - ratio)
     return {  # linear
         "type": "WarmupDecayLR",
         "params": {
-            "total_num_steps": t.max_steps,
+            "total_num_steps": total,
             "warmup_num_steps": warmup,
             "warmup_min_lr": 0.0,
             "warmup_max_lr": t.lr,

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from scale_hyper import runs
 from scale_hyper.config import RunConfig, to_yaml
 from scale_hyper.engine import ds_config, init_from
-from scale_hyper.engine.checkpointer import Checkpointer, check_world_size, resolve_resume
+from scale_hyper.engine.checkpointer import Checkpointer, check_recipe, check_world_size, resolve_resume
 from scale_hyper.engine.distributed import DistInfo
 from scale_hyper.engine.evaluator import Evaluator
 from scale_hyper.engine.progress import log
@@ -133,7 +133,7 @@ def start_tracking(
     run: RunConfig, info: DistInfo, ds: Dict[str, Any], resident: List[Any], saved: Dict[str, Any]
 ) -> Any:
     """Phase 6: the MLflow run (resumed when the checkpoint names one), with config and versions."""
-    from scale_hyper.tracking import start_tracker
+    from scale_hyper.tracking import TrackingError, start_tracker
 
     extra = {
         "world_size": info.world_size,
@@ -142,7 +142,17 @@ def start_tracking(
         **_versions(),
         **_flat(ds, "ds_config."),
     }
-    tracker = start_tracker(run, rank=info.rank, resume_run_id=saved.get("mlflow_run_id"), extra_params=extra)
+    failure = None
+    try:
+        tracker = start_tracker(run, rank=info.rank, resume_run_id=saved.get("mlflow_run_id"), extra_params=extra)
+    except TrackingError as err:  # rank 0 only: every rank stops with this line (exit 2), none with "a rank died"
+        failure = str(err)
+    if info.world_size > 1:
+        box = [failure]
+        dist.broadcast_object_list(box, src=0)
+        failure = box[0]
+    if failure is not None:
+        raise TrackingError(failure)
     tracker.log_text(to_yaml(run), "config.yaml")
     if info.is_main:  # the run directory carries the resolved config of its newest invocation
         config_file = runs.RunDir(run.train.output_dir).config
@@ -156,28 +166,33 @@ def build(run: RunConfig, info: DistInfo) -> Trainer:
     from scale_hyper.data import train_loader, val_loader
 
     t = run.train
-    manifest = prepare_data(run, info)
+    # before any work: the batch split (refused when the world size cannot divide it) and the resume's recipe
+    micro, _, global_batch = ds_config.batch_arithmetic(run, info.world_size)
     ckpt = resolve_resume(t.resume, t.output_dir, info.world_size)
     if ckpt is not None:
         check_world_size(ckpt, info.world_size)
+        check_recipe(ckpt, run, global_batch)
+    log(info, ds_config.describe_batch(run, info.world_size))
+    manifest = prepare_data(run, info)
     model = build_model(run, info, ckpt)
     engine, ds = start_deepspeed(run, info, model, ckpt)
     resident = keep_shared_resident(run, engine, model)
     torch.manual_seed(t.seed + 1000 * info.rank)  # dropout differs across ranks
     checkpointer = Checkpointer(run, engine, None, info, None)
+    checkpointer.preflight()  # warns when train.output_dir cannot hold keep + 1 checkpoints
     saved = restore(checkpointer, ckpt, info)
     tracker = start_tracking(run, info, ds, resident, saved)
     loader = train_loader(run.data, manifest, seed=t.seed, rank=info.rank, world_size=info.world_size,
-                          micro_batch_size=t.micro_batch_size, state=_cursor_for(saved, info))  # fmt: skip
+                          micro_batch_size=micro, state=_cursor_for(saved, info))  # fmt: skip
     checkpointer.loader, checkpointer.tracker = loader, tracker
     validation = val_loader(run.data, manifest, rank=info.rank, world_size=info.world_size,
-                            micro_batch_size=t.micro_batch_size, max_batches=t.eval_batches)  # fmt: skip
+                            micro_batch_size=micro, max_batches=t.eval_batches)  # fmt: skip
     precision = ds_config.precision_of(ds)
     reporter = Reporter(run, info, engine, tracker, train_flops_per_token(run.model, run.data.seq_len, run.data.mask_prob),
                         peak_flops(info.device, precision))  # fmt: skip
     log(info, f"world {info.world_size} (rank {info.rank}, local {info.local_rank}, master {info.master}), "
               f"device {info.device.type}, ZeRO-{ds_config.zero_stage(ds)}, {precision}, "
-              f"{sum(p.numel() for p in model.parameters()):,} parameters, {len(resident)} resident shared tensors")  # fmt: skip
+              f"{sum(getattr(p, 'ds_numel', p.numel()) for p in model.parameters()):,} parameters, {len(resident)} resident shared tensors")  # fmt: skip
     heartbeat = Heartbeat(info.rank, info.world_size)
     heartbeat.start()
     return Trainer(run, info, engine, loader, TrainState.from_dict(saved), checkpointer,

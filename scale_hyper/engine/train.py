@@ -14,9 +14,9 @@ from typing import Optional
 import torch.distributed as dist
 
 from scale_hyper import runs
-from scale_hyper.config import ConfigError, RunConfig
+from scale_hyper.config import ConfigError, RunConfig, errors
 from scale_hyper.engine import setup, sync_audit
-from scale_hyper.engine.checkpointer import ResumeError
+from scale_hyper.engine.checkpointer import ResumeError, StorageError
 from scale_hyper.engine.distributed import DistInfo, init_distributed
 from scale_hyper.engine.evaluator import to_device
 from scale_hyper.engine.progress import Progress, log
@@ -113,11 +113,10 @@ def main(run: RunConfig) -> int:
         if info.is_main:
             print(summary, flush=True)
         return 0
-    except (ConfigError, ResumeError, FileNotFoundError, ValueError) as err:
-        print(f"scale-hyper: error: {err}", file=sys.stderr, flush=True)
+    except (ConfigError, ResumeError, StorageError, FileNotFoundError, ValueError) as err:
         if tr:
             tr.tracker.finish("FAILED")
-        return 2
+        return errors.report(err)
     except NonFiniteError as err:
         print(f"scale-hyper: stopped: {err}", file=sys.stderr, flush=True)
         if tr:

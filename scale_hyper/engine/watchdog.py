@@ -9,6 +9,7 @@ None of it costs the hot path a device sync or a collective on a plain step:
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 import time
@@ -117,12 +118,17 @@ def count_update(engine: Any, state: Any) -> None:
     else:
         state.skipped, state.bad_in_row = state.skipped + 1, state.bad_in_row + 1
     sync_audit.mark_step(state.step)
+    if _SLOW_STEP_S:
+        time.sleep(_SLOW_STEP_S)
+
+
+# Test hook: SCALE_HYPER_TEST_STEP_SECONDS=0.3 makes every optimizer step take that much longer, so a
+# fault test can signal a run in the middle of its steps.
+_SLOW_STEP_S = float(os.environ.get("SCALE_HYPER_TEST_STEP_SECONDS") or 0)
 
 
 def injected_nonfinite_steps() -> frozenset:
     """Test hook: SCALE_HYPER_TEST_NONFINITE_STEPS=3,4 makes rank 0's loss NaN in those optimizer
     steps (1-based), to prove the guard refuses them on every rank."""
-    import os
-
     raw = os.environ.get("SCALE_HYPER_TEST_NONFINITE_STEPS", "")
     return frozenset(int(s) for s in raw.split(",") if s.strip())

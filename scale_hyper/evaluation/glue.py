@@ -250,7 +250,7 @@ def main(model_path: str, tasks: Sequence[str], args: Sequence[str], out: Option
     try:
         res = run_glue(model_path, tasks, args, out, small_task_epochs, max_train)
     except (FileNotFoundError, ValueError) as err:
-        print(f"scale-hyper: glue: {err}", file=sys.stderr)
+        print(f"scale-hyper: error: glue: {err}", file=sys.stderr)
         return 2
     print()
     print(res["table"], end="")

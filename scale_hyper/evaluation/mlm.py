@@ -81,7 +81,7 @@ def main(model_path: str, args: Sequence[str] = ()) -> int:
     try:
         out = evaluate(model_path, args)
     except (FileNotFoundError, ValueError) as err:
-        print(f"scale-hyper: eval: {err}", file=sys.stderr)
+        print(f"scale-hyper: error: eval: {err}", file=sys.stderr)
         return 2
     src, m = out["source"], out["metrics"]
     print(f"validation data: {out['data']}")

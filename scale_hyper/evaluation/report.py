@@ -174,7 +174,7 @@ def main(refs: Sequence[str], args: Sequence[str], out: Optional[str]) -> int:
     try:
         res = build(refs, run.tracking.uri, Path(out or "report"))
     except ValueError as err:
-        print(f"scale-hyper: report: {err}", file=sys.stderr)
+        print(f"scale-hyper: error: report: {err}", file=sys.stderr)
         return 2
     except ImportError as err:
         print(f"scale-hyper: report needs matplotlib ({err}): pip install 'scale-hyper[test]' or pip install matplotlib",

@@ -39,7 +39,7 @@ def main(src: str, layers: int, out: Optional[str], embeddings: str, order: str,
         src_model = sources.load_mlm(source)
         model, info = transplant(src_model, layers, embeddings, order, seed)
     except (FileNotFoundError, ValueError) as err:
-        print(f"scale-hyper: transplant: {err}", file=sys.stderr)
+        print(f"scale-hyper: error: transplant: {err}", file=sys.stderr)
         return 2
     out_dir = Path(out or f"{source.path if source.kind == 'hf' else source.path.parent.parent}-transplant-L{layers}")
     info["source"] = str(source.path)

@@ -24,6 +24,8 @@ PathLike = Union[str, "os.PathLike[str]"]
 class NoCheckpointError(FileNotFoundError):
     """A path that holds no complete checkpoint; the message says what was looked for."""
 
+    user_error = True
+
 
 def step_name(step: int, universal: bool = False) -> str:
     return f"step_{step}" + ("_universal" if universal else "")

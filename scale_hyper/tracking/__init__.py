@@ -7,12 +7,17 @@ about two seconds); no module of this package imports it at import time.
 Failure policy:
 
 * at start (bad URI, unreachable server, unknown run id to resume) :func:`start_tracker` raises
-  :class:`TrackingError` with a message naming ``tracking.uri`` and the fix, before any training;
-* during training nothing raises (see :mod:`scale_hyper.tracking.trackers`).
+  :class:`TrackingError` (a ConfigError: one line ``<what> — <fix>`` naming ``tracking.uri`` with
+  credentials masked, exit 2), before any training;
+* during training nothing raises or waits: the background writer keeps what a failing store could
+  not take and sends it when the store is back (see :mod:`scale_hyper.tracking.trackers`);
+* afterwards :mod:`scale_hyper.tracking.sync` (``scale-hyper track sync RUN_DIR``) logs the points of
+  ``metrics.jsonl`` that the run still lacks.
 
 Modules, one concern each: ``redaction`` (secrets never reach the store), ``formatting`` (params,
 tags and keys within MLflow's limits), ``store`` (the store URI and artifact location),
-``trackers`` (the Tracker interface and the background writer), ``runs`` (start or resume the run).
+``trackers`` (the Tracker interface and the background writer), ``runs`` (start or resume the run),
+``sync`` (back-fill a run from its metrics.jsonl).
 """
 
 from scale_hyper.tracking.formatting import format_params, format_tags

@@ -29,8 +29,10 @@ from scale_hyper.tracking.redaction import redact_text
 from scale_hyper.tracking.store import (
     TrackingError,
     choose_artifact_location,
+    failure_reason,
     quick_http_failures,
     resolve_tracking_uri,
+    sqlite_start_lock,
 )
 from scale_hyper.tracking.trackers import MlflowTracker, NullTracker, Tracker
 
@@ -47,7 +49,7 @@ def _import_mlflow(kind: str, uri: str):
         from mlflow.exceptions import MlflowException
     except ImportError as err:
         raise TrackingError(
-            f"MLflow tracking is enabled but mlflow cannot be imported ({err}). Fix: pip install "
+            f"MLflow tracking is enabled but mlflow cannot be imported ({err}) — pip install "
             "'mlflow-skinny>=3' sqlalchemy alembic, or set tracking.enabled=false."
         ) from None
     if kind == "sqlite":
@@ -56,8 +58,8 @@ def _import_mlflow(kind: str, uri: str):
             import sqlalchemy  # noqa: F401
         except ImportError as err:
             raise TrackingError(
-                f"tracking.uri={uri} is a sqlite store, which needs sqlalchemy and alembic ({err}). "
-                "Fix: pip install sqlalchemy alembic (or the full mlflow), or use an http(s):// "
+                f"tracking.uri={uri} is a sqlite store, which needs sqlalchemy and alembic ({err}) "
+                "— pip install sqlalchemy alembic (or the full mlflow), or use an http(s):// "
                 "tracking server."
             ) from None
     return MlflowClient, MlflowException
@@ -78,7 +80,7 @@ def _get_or_create_experiment(client: Any, name: str, artifact_location: Optiona
             exp = client.get_experiment_by_name(name)
     if exp.lifecycle_stage != "active":
         raise TrackingError(
-            f"MLflow experiment '{name}' in tracking.uri={shown_uri} is deleted. Fix: restore it "
+            f"MLflow experiment '{name}' in tracking.uri={shown_uri} is deleted — restore it "
             f"(MlflowClient().restore_experiment('{exp.experiment_id}')) or choose another "
             "tracking.experiment."
         )
@@ -143,7 +145,7 @@ def _resume_run(
                 f"cannot resume MLflow run {run_id} (recorded in the checkpoint): it does not exist in the tracking "
                 f"store tracking.uri={redact_text(configured_uri)} (resolved: {shown_uri}). The checkpoint was tracked "
                 "in another store - e.g. a relative sqlite:///mlflow.db resolved from a different working directory, "
-                "or another tracking server. Fix: set tracking.uri to the store that holds the run (an absolute "
+                "or another tracking server — set tracking.uri to the store that holds the run (an absolute "
                 "sqlite:////path/to/mlflow.db, or the original server URL), or set tracking.enabled=false to resume "
                 "without tracking."
             ) from None
@@ -151,7 +153,7 @@ def _resume_run(
     if old.info.lifecycle_stage != "active":
         raise TrackingError(
             f"cannot resume MLflow run {run_id} from the checkpoint: it was deleted in "
-            f"tracking.uri={shown_uri}. Fix: restore it (MlflowClient().restore_run('{run_id}')) "
+            f"tracking.uri={shown_uri} — restore it (MlflowClient().restore_run('{run_id}')) "
             "or set tracking.enabled=false."
         )
     client.update_run(run_id, status="RUNNING")
@@ -193,7 +195,7 @@ def _start_system_metrics(run_id: str, uri: str, resumed: bool) -> Any:
         return monitor
     except Exception as err:  # psutil missing, ...: optional
         logger.warning(
-            "MLflow: system metrics are not recorded (%s). Fix: pip install psutil "
+            "MLflow: system metrics are not recorded (%s) — pip install psutil "
             "(and nvidia-ml-py for GPUs), or set tracking.system_metrics=false.",
             err,
         )
@@ -217,7 +219,7 @@ def start_tracker(run: RunConfig, *, rank: int, resume_run_id: Optional[str], ex
     MlflowClient, _ = _import_mlflow(kind, shown)
     params = format_params({**flatten(run), **(extra_params or {})})
     try:
-        with quick_http_failures(kind):
+        with quick_http_failures(kind), sqlite_start_lock(db if kind == "sqlite" else None):
             client = MlflowClient(tracking_uri=uri)
             if resume_run_id:
                 run_id, experiment_id = _resume_run(client, run, resume_run_id, params, shown, cfg.uri)
@@ -237,14 +239,27 @@ def start_tracker(run: RunConfig, *, rank: int, resume_run_id: Optional[str], ex
     except TrackingError:
         raise
     except Exception as err:
-        reason = redact_text(f"{type(err).__name__}: {err}".strip())[:1500]
+        fix = (
+            "start the tracking server (mlflow server --host HOST --port PORT ...) or correct tracking.uri"
+            if kind == "http"
+            else "check that the store is reachable and writable (sqlite:///path/mlflow.db, http(s)://host:port "
+            "of a running `mlflow server`, or file:/path for the legacy file store)"
+        )
         raise TrackingError(
-            f"cannot start MLflow tracking at tracking.uri={shown}: {reason}. Fix: check that the store is reachable "
-            "and writable (sqlite:///path/mlflow.db, http(s)://host:port of a running `mlflow server`, or "
-            "file:/path for the legacy file store), or set tracking.enabled=false."
+            f"cannot start MLflow tracking at tracking.uri={shown}: {failure_reason(err)} — {fix}, "
+            "or set tracking.enabled=false"
         ) from None
     monitor = _start_system_metrics(run_id, uri, bool(resume_run_id)) if cfg.system_metrics else None
-    tracker = MlflowTracker(client, run_id, experiment_id, experiment_name, uri, kind, system_monitor=monitor)
+    tracker = MlflowTracker(
+        client,
+        run_id,
+        experiment_id,
+        experiment_name,
+        uri,
+        kind,
+        system_monitor=monitor,
+        output_dir=os.path.abspath(run.train.output_dir),
+    )
     logger.info(
         "MLflow run %s (%s) in experiment '%s' at %s",
         run_id,

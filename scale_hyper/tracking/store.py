@@ -14,11 +14,26 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Optional, Tuple
 
+from scale_hyper.config import ConfigError
 from scale_hyper.tracking.redaction import redact_text
 
 
-class TrackingError(RuntimeError):
-    """MLflow tracking cannot start; the message names tracking.uri and the fix."""
+class TrackingError(ConfigError):
+    """MLflow tracking cannot start: one line, ``<what> — <fix>``, naming tracking.uri (credentials
+    masked). A :class:`ConfigError`, so the CLI prints ``scale-hyper: error: ...`` and exits 2."""
+
+
+def failure_reason(err: BaseException, limit: int = 400) -> str:
+    """Why a store call failed, on one line with credentials masked: for an HTTP server that is
+    down or hung, a plain sentence instead of urllib3's retry chain."""
+    text = " ".join(f"{type(err).__name__}: {err}".split())
+    low = text.lower()
+    if "connection refused" in low or "newconnectionerror" in low or "name or service not known" in low:
+        return "no server answers there (connection refused)"
+    if "read timed out" in low or "readtimeout" in low or "connecttimeout" in low:
+        return "the server did not answer in time (timed out)"
+    text = redact_text(text)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def resolve_tracking_uri(uri: str) -> Tuple[str, str, Optional[Path]]:
@@ -30,22 +45,21 @@ def resolve_tracking_uri(uri: str) -> Tuple[str, str, Optional[Path]]:
     uri = (uri or "").strip()
     if not uri:
         raise TrackingError(
-            "tracking.uri is empty. Fix: use sqlite:///mlflow.db (the default), an http(s):// "
+            "tracking.uri is empty — use sqlite:///mlflow.db (the default), an http(s):// "
             "tracking server, or set tracking.enabled=false."
         )
     low = uri.lower()
     if low.startswith("sqlite:"):
         if not low.startswith("sqlite:///"):
             raise TrackingError(
-                f"tracking.uri={redact_text(uri)} is not a file-backed sqlite URI. "
-                "Fix: sqlite:///relative/path.db or sqlite:////absolute/path.db."
+                f"tracking.uri={redact_text(uri)} is not a file-backed sqlite URI "
+                "— sqlite:///relative/path.db or sqlite:////absolute/path.db."
             )
         rest = uri[len("sqlite:///") :]
         path_part, sep, query = rest.partition("?")
         if path_part in ("", ":memory:"):
             raise TrackingError(
-                f"tracking.uri={uri} names no database file (an in-memory store loses the run). "
-                "Fix: sqlite:///mlflow.db."
+                f"tracking.uri={uri} names no database file (an in-memory store loses the run) — sqlite:///mlflow.db."
             )
         db = Path(os.path.expanduser(path_part))
         db = db if db.is_absolute() else Path.cwd() / db
@@ -55,7 +69,7 @@ def resolve_tracking_uri(uri: str) -> Tuple[str, str, Optional[Path]]:
         except OSError as err:
             raise TrackingError(
                 f"cannot create the directory of the MLflow database {db} "
-                f"(tracking.uri={uri}): {err}. Fix: point tracking.uri at a writable path."
+                f"(tracking.uri={uri}): {err} — point tracking.uri at a writable path."
             ) from None
         return f"sqlite:///{db.as_posix()}{sep}{query}", "sqlite", db
     if low.startswith("databricks"):
@@ -100,3 +114,23 @@ def quick_http_failures(kind: str) -> Iterator[None]:
     finally:
         for k in set_here:
             os.environ.pop(k, None)
+
+
+@contextmanager
+def sqlite_start_lock(db: Optional[Path]) -> Iterator[None]:
+    """Processes starting runs on one sqlite store at once (two sbatch jobs submitted together, a sweep)
+    take turns: MLflow creates and migrates the schema of a new database on first use, and two doing it
+    concurrently fail ("Online migration expected to match one row"). An flock on ``<db>.lock``; no-op
+    for other stores (``db`` None)."""
+    if db is None:
+        yield
+        return
+    import fcntl
+
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{db}.lock", "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)

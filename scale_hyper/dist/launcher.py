@@ -1,0 +1,59 @@
+"""RANK/LOCAL_RANK/WORLD_SIZE from torchrun, the deepspeed launcher, or srun, and the rank's device.
+
+srun sets only SLURM_* variables (DeepSpeed's own `--launcher slurm` falls back to mpi4py), so when
+RANK is missing we map SLURM_PROCID/SLURM_LOCALID/SLURM_NTASKS onto the torch.distributed names.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+
+import torch
+
+
+def first_slurm_host() -> str:
+    nodelist = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST")
+    if not nodelist:
+        return "127.0.0.1"
+    try:  # expands compressed lists such as node[01-04]
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=30)
+        if out.returncode == 0 and out.stdout.split():
+            return out.stdout.split()[0]
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    return nodelist.split(",")[0].split("[")[0]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def map_launcher_env(env=os.environ) -> None:
+    """Fill RANK/LOCAL_RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT from SLURM or single-process defaults."""
+    if "RANK" not in env and "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+        env["RANK"] = env["SLURM_PROCID"]
+        env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
+        env["WORLD_SIZE"] = env["SLURM_NTASKS"]
+        env.setdefault("MASTER_ADDR", first_slurm_host())
+        env.setdefault("MASTER_PORT", str(29500 + int(env.get("SLURM_JOB_ID", "0")) % 1000))
+    if "RANK" not in env:  # one plain process
+        env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+        env.setdefault("MASTER_ADDR", "127.0.0.1")
+        env.setdefault("MASTER_PORT", str(free_port()))
+    env.setdefault("LOCAL_RANK", "0")
+    env.setdefault("MASTER_ADDR", "127.0.0.1")
+    env.setdefault("MASTER_PORT", "29500")
+
+
+def pick_device(choice: str, local_rank: int) -> torch.device:
+    """train.device (auto | cpu | cuda) → this rank's device (GPU number LOCAL_RANK)."""
+    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise RuntimeError("train.device=cuda but no CUDA device is visible; use train.device=auto or cpu")
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")

@@ -1,0 +1,204 @@
+"""`scale-hyper doctor` on CPU ranks over gloo, launched as a user would (torchrun, plain processes
+with RANK/WORLD_SIZE as srun's mapping gives them, one process), and each injected fault named.
+
+Faults are injected through SCALE_HYPER_TEST_DOCTOR_FAULTS (scale_hyper/doctor/results.py) and,
+for a non-finite loss, the trainer's own SCALE_HYPER_TEST_NONFINITE_STEPS.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from launch import prepare_shards, rank_env, run_ranks, scale_hyper
+
+from scale_hyper.doctor.results import FAIL, PASS, Result, format_table
+
+COMMON = [
+    "data.max_documents=200", "data.vocab_size=512", "data.seq_len=64", "data.sequences_per_shard=128",
+    "model.num_layers=2", "train.micro_batch_size=8", "train.global_batch_size=0", "deepspeed.precision=fp32",
+    "train.lr=3e-3",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    return prepare_shards(tmp_path_factory.mktemp("doctor"), COMMON)
+
+
+def doctor_args(wd: Path, name: str, *extra: str) -> list:
+    """key=value overrides first, then the options (argparse takes no positionals after an option)."""
+    first = next((i for i, a in enumerate(extra) if a.startswith("--")), len(extra))
+    return ["doctor", *COMMON, f"data.output={wd}/shards", f"train.output_dir={wd}/{name}", *extra[:first],
+            "--json", str(wd / f"{name}.json"), *extra[first:]]  # fmt: skip
+
+
+def report(wd: Path, name: str) -> dict:
+    data = json.loads((wd / f"{name}.json").read_text())
+    data["by_check"] = {r["check"]: r for r in data["results"]}
+    return data
+
+
+def two_ranks(wd: Path, name: str, *extra: str, env=None, timeout=600):
+    procs = run_ranks(scale_hyper(*doctor_args(wd, name, *extra)), world=2, cwd=wd, timeout=timeout, extra_env=env)
+    return procs
+
+
+def one(wd: Path, args: list, env=None, timeout=300) -> subprocess.CompletedProcess:
+    full = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", **(env or {}))
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        full.pop(key, None)
+    return subprocess.run(scale_hyper(*args), cwd=wd, env=full, capture_output=True, text=True, timeout=timeout)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Bad input: one line, exit 2, before anything runs
+# ---------------------------------------------------------------------------------------------------
+def one_error_line(proc: subprocess.CompletedProcess) -> str:
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("scale-hyper: error:")]
+    assert len(lines) == 1 and " — " in lines[0], proc.stderr
+    return lines[0]
+
+
+def test_unknown_check_is_bad_input(tmp_path):
+    line = one_error_line(one(tmp_path, ["doctor", "--checks", "environment,colectives"]))
+    assert "'colectives'" in line and "collectives" in line.split("—")[1]
+
+
+def test_world_size_the_batch_cannot_split(tmp_path):
+    env = rank_env(0, 3, 29999)  # rank 0 of 3: the check comes before any rendezvous
+    proc = subprocess.run(
+        scale_hyper("doctor", "train.micro_batch_size=8", "train.global_batch_size=32"),
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    line = one_error_line(proc)
+    assert "train.global_batch_size=32" in line and "3 ranks" in line
+
+
+def test_output_dir_on_a_full_disk(tmp_path):
+    env = {"SCALE_HYPER_TEST_DOCTOR_FAULTS": "full_disk"}
+    line = one_error_line(one(tmp_path, ["doctor", f"train.output_dir={tmp_path}/run"], env=env))
+    assert "full disk" in line and f"{tmp_path}/run" in line
+
+
+def test_table_wraps_details_under_their_column():
+    rows = [Result("environment", PASS, "2 rank(s) alike", "word " * 40), Result("kernels", FAIL, "x", "short")]
+    text = format_table(rows, width=80)
+    lines = text.splitlines()
+    assert lines[0].startswith("check") and "status" in lines[0] and "detail" in lines[0]
+    assert lines[2].startswith("environment  PASS")
+    column = lines[0].index("detail")
+    assert all(line[:column].strip() == "" for line in lines[3:-1])  # continuation lines
+    assert lines[-1].startswith("kernels") and "FAIL" in lines[-1]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Whole doctor, 2 ranks (slow: real DeepSpeed training)
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_two_rank_doctor_fp32_under_torchrun(workdir):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "scale_hyper",
+           *doctor_args(workdir, "fp32", "deepspeed.zero_stage=3")]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    started = time.monotonic()
+    proc = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-6000:]
+    assert time.monotonic() - started < 240  # "about two minutes" (much less for this tiny model)
+    out = proc.stdout
+    assert "=== scale-hyper doctor: 2 rank(s)" in out and "doctor: PASS" in out
+    assert out.count("check  ") == 1  # one table, printed by rank 0 only
+    data = report(workdir, "fp32")
+    checks = data["by_check"]
+    for name in ("collectives/rendezvous", "environment", "collectives/all_reduce", "collectives/all_gather",
+                 "sdpa", "storage/train.output_dir", "storage/data.output", "training", "training/residency",
+                 "training/throughput", "resume"):  # fmt: skip
+        assert checks[name]["status"] == "PASS", checks[name]
+        assert checks[name]["check"] in out  # the same rows in the table
+    assert checks["kernels"]["status"] == "SKIPPED" and "no CUDA device" in checks["kernels"]["detail"]
+    assert "GB/s" in checks["collectives/all_reduce"]["figure"]
+    assert checks["training/residency"]["figure"] == "0 gathers"
+    assert "bit-exact" in checks["resume"]["detail"] and checks["resume"]["figure"] == "equal"
+    assert not (workdir / "fp32" / "doctor" / "a").exists()  # the short runs are removed
+
+
+@pytest.mark.slow
+def test_two_rank_doctor_bf16_plain_processes(workdir):
+    procs = two_ranks(workdir, "bf16", "deepspeed.precision=bf16", "deepspeed.zero_stage=2",
+                      env={"OMP_NUM_THREADS": "1"})  # fmt: skip
+    for p in procs:
+        assert p.returncode == 0, p.stdout[-6000:]
+    assert "doctor: PASS" in procs[0].stdout and "doctor:" not in procs[1].stdout
+    checks = report(workdir, "bf16")["by_check"]
+    assert checks["training"]["status"] == "PASS" and checks["resume"]["status"] == "PASS"
+    assert checks["training/residency"]["status"] == "SKIPPED" and "ZeRO-2" in checks["training/residency"]["detail"]
+    assert "bf16" in checks["sdpa"]["detail"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Injected faults, each named
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_rank_that_never_joins_is_named_within_the_join_timeout(workdir):
+    started = time.monotonic()
+    procs = two_ranks(workdir, "absent", "--join-timeout", "5", "--checks", "environment",
+                      env={"SCALE_HYPER_TEST_DOCTOR_FAULTS": "absent:1"})  # fmt: skip
+    assert procs[0].returncode == 1, procs[0].stdout[-4000:]
+    assert time.monotonic() - started < 60
+    assert "rank 1 never joined the rendezvous" in procs[0].stdout
+    row = report(workdir, "absent")["by_check"]["collectives/rendezvous"]
+    assert row["status"] == "FAIL" and row["data"]["missing"] == [1] and row["figure"] == "1/2 joined"
+
+
+@pytest.mark.slow
+def test_version_mismatch_between_ranks_is_named(workdir):
+    procs = two_ranks(workdir, "version", "--checks", "environment",
+                      env={"SCALE_HYPER_TEST_DOCTOR_FAULTS": "version:1"})  # fmt: skip
+    assert [p.returncode for p in procs] == [1, 1], procs[0].stdout[-4000:]
+    row = report(workdir, "version")["by_check"]["environment"]
+    assert row["status"] == "FAIL"
+    assert "deepspeed differs between ranks (rank 0: " in row["detail"] and "rank 1: 0.19.8+injected" in row["detail"]
+
+
+@pytest.mark.slow
+def test_non_writable_output_dir_is_named(workdir):
+    procs = two_ranks(workdir, "readonly", "--checks", "storage,training",
+                      env={"SCALE_HYPER_TEST_DOCTOR_FAULTS": "readonly"})  # fmt: skip
+    assert procs[0].returncode == 1, procs[0].stdout[-4000:]
+    checks = report(workdir, "readonly")["by_check"]
+    row = checks["storage/train.output_dir"]
+    assert row["status"] == "FAIL" and f"train.output_dir={workdir}/readonly is not writable" in row["detail"]
+    assert "Permission" in row["detail"]
+    assert checks["storage/data.output"]["status"] == "PASS"
+    assert checks["training"]["status"] == "SKIPPED" and "not writable" in checks["training"]["detail"]
+
+
+@pytest.mark.slow
+def test_non_finite_loss_is_named(workdir):
+    procs = two_ranks(workdir, "nonfinite", "--checks", "training",
+                      env={"SCALE_HYPER_TEST_NONFINITE_STEPS": "3,4", "OMP_NUM_THREADS": "1"})  # fmt: skip
+    assert procs[0].returncode == 1, procs[0].stdout[-4000:]
+    row = report(workdir, "nonfinite")["by_check"]["training"]
+    assert row["status"] == "FAIL" and "non-finite loss: optimizer step(s) 3, 4" in row["detail"]
+
+
+@pytest.mark.parametrize("fault", [False, True], ids=["agrees", "injected"])
+def test_kernel_against_reference_in_the_interpreter(tmp_path, fault):
+    """One plain process; without a GPU the kernel runs in Triton's CPU interpreter when asked."""
+    pytest.importorskip("triton")
+    env = {"SCALE_HYPER_DOCTOR_INTERPRET": "1", **({"SCALE_HYPER_TEST_DOCTOR_FAULTS": "kernel"} if fault else {})}
+    proc = one(tmp_path, ["doctor", "--checks", "kernels", "--json", str(tmp_path / "k.json")], env=env)
+    assert proc.returncode == (1 if fault else 0), proc.stdout[-4000:] + proc.stderr[-4000:]
+    row = report(tmp_path, "k")["by_check"]["kernels"]
+    assert "Triton CPU interpreter" in row["detail"]
+    if fault:
+        assert (
+            row["status"] == "FAIL" and "the Triton kernel disagrees with the torch reference: forward" in row["detail"]
+        )
+    else:
+        assert row["status"] == "PASS"
