@@ -371,16 +371,22 @@ def test_sigterm_to_a_running_srun_jobs_process_group_checkpoints_and_exits_0(cl
         "scale-hyper", "train", "hyperbert-tiny", *TRAIN, f"data.output={shards}", f"train.output_dir={out}",
         "train.max_steps=400", "train.stop_check_every=1", "train.export=false", "tracking.enabled=false",
     ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "SCALE_HYPER_TEST_STEP_SECONDS": "0.3"}
+    # The emulated nodes' names do not resolve on this host (the templates use NodeAddr); both tasks
+    # run on one node here, so the rendezvous address is the loopback.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SCALE_HYPER_TEST_STEP_SECONDS": "0.3", "MASTER_ADDR": "127.0.0.1"}
     log = tmp_path / "srun.log"
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    deadline = time.monotonic() + 300
-    while not re.search(r"\[scale-hyper\] step [3-9]/", log.read_text()):
-        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-4000:]
-        time.sleep(1)
-    os.killpg(proc.pid, 15)
-    rc = proc.wait(timeout=120)
+    try:
+        deadline = time.monotonic() + 300
+        while not re.search(r"\[scale-hyper\] step [3-9]/", log.read_text()):
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-4000:]
+            time.sleep(1)
+        os.killpg(proc.pid, 15)
+        rc = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:  # never leave the step behind
+            os.killpg(proc.pid, 9)
     text = log.read_text()
     saved = re.search(r"stopped by SIGTERM: checkpoint saved at step (\d+)", text)
     assert saved, text[-4000:]

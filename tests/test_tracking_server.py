@@ -161,7 +161,9 @@ def test_outage_mid_run_loses_no_metric(server, workdir):
     from mlflow import MlflowClient
 
     run_dir = workdir / "outage"
-    procs = start_ranks(train_args(workdir, "outage", server.uri, "train.max_steps=5000"), 2, workdir)
+    # +0.1 s a step (a test hook): the ranks leave the CPU to the restarting server (2 cores in CI)
+    slow = {"SCALE_HYPER_TEST_STEP_SECONDS": "0.1"}
+    procs = start_ranks(train_args(workdir, "outage", server.uri, "train.max_steps=5000"), 2, workdir, slow)
     at_stop = wait_for_steps(run_dir, 3, procs)
     server.stop()
     wait_for_steps(run_dir, at_stop + 10, procs, timeout=60)  # steps go on while nothing answers

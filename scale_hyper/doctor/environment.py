@@ -102,7 +102,10 @@ def _ranks(ranks: List[int]) -> str:
 
 def check(run: RunConfig, infos: List[Dict[str, Any]]) -> Result:
     """Every rank's environment → one row."""
-    problems = []
+    problems = [f"rank {i['rank']}: the environment could not be read: {i['error']}" for i in infos if "error" in i]
+    infos = [i for i in infos if "error" not in i]
+    if not infos:
+        return Result("environment", FAIL, "unreadable", "; ".join(problems))
     for key in COMPARED:
         groups: Dict[str, List[int]] = {}
         for info in infos:

@@ -141,7 +141,11 @@ def _run_checks(run: RunConfig, configs: List[str], selected: List[str], rank: i
     nodes = rv.nodes()
     if "environment" in selected:
         _note(rank, "environment")
-        infos = _gather(environment.collect(run, device, rank), world)
+        try:
+            info = environment.collect(run, device, rank)
+        except Exception as err:  # noqa: BLE001 - a broken install on one rank must not hang the others
+            info = {"rank": rank, "node": environment.node_id(), "error": f"{type(err).__name__}: {err}"[:300]}
+        infos = _gather(info, world)
         results.append(_guarded("environment", environment.check, run, infos))
     if "collectives" in selected:
         _note(rank, "collectives")
@@ -186,6 +190,8 @@ def _training(run: RunConfig, configs: List[str], selected: List[str], rank: int
         return [Result("training", SKIPPED, "", reason)] + ([Result("resume", SKIPPED, "", reason)]
                                                              if "resume" in selected else [])  # fmt: skip
     timeout_s = 60 * run.train.dist_timeout_minutes + 600
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the collectives' and kernels' buffers: the trainer shares this GPU
 
     def trainer(name: str, resume: str) -> List[Any]:
         port = _gather(free_port() if rank == 0 else None, world)[0]

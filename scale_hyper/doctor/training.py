@@ -85,7 +85,9 @@ def _failed(per_rank: List[Dict[str, Any]]) -> Optional[str]:
 
 def planned_peak_memory(run: RunConfig, world: int) -> Optional[int]:
     """Hook for the launch issue's `plan` (#12): its predicted peak memory per rank, to compare with the
-    measured one. Not available yet: returns None, and the row shows the measured figure only."""
+    measured one. The planner lives in ``engine/planner.py``, which ``doctor`` (an ``engine`` sibling)
+    may not import; once its memory arithmetic moves a layer down (models/ or config/), call it here.
+    Until then: None, and the row shows the measured figure only."""
     return None
 
 
@@ -163,7 +165,7 @@ def check_training(run: RunConfig, per_rank: List[Dict[str, Any]], device: torch
     mfu = f"MFU {statistics.median(mfus) * 100:.1f} %" if mfus else "MFU n/a (no peak FLOP/s known for this device)"
     detail = (f"median over steps 3+: {tok_s:,.0f} tokens/s over {world} rank(s), {mfu}; peak memory "
               f"{human_bytes(peak)} ({p0.get('memory_kind', '?')}, the largest rank)")  # fmt: skip
-    detail += f", plan: {human_bytes(planned)}" if planned else ", plan: n/a (no `plan` yet)"
+    detail += f", plan: {human_bytes(planned)}" if planned else ", plan: n/a (not reachable from doctor yet)"
     results.append(Result("training/throughput", PASS, f"{tok_s:,.0f} tok/s",
                           detail, {"tokens_per_s": tok_s, "mfu": mfus, "peak_memory_bytes": peak}))  # fmt: skip
     return results

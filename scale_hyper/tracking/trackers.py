@@ -102,7 +102,7 @@ class NullTracker(Tracker):
     """Non-zero ranks and ``tracking.enabled=false``: same methods, no store, no mlflow import."""
 
 
-_Op = Tuple[str, Any, str]  # (kind, payload, description); kind: metrics | call | final | barrier | stop
+_Op = Tuple[str, Any, str]  # (kind, payload, description); kind: metrics | call | final | end | barrier | stop
 
 
 class MlflowTracker(Tracker):
@@ -139,6 +139,7 @@ class MlflowTracker(Tracker):
         self._failures_in_row = 0
         self.dropped = 0  # lost to a full queue, a full backlog or a rejected request (metric points count one each)
         self.delivered_late = 0  # metric points written after the store came back
+        self.run_ended = False  # the run's final status reached the store
         self.max_backlog = max_backlog  # metric points kept while the store is down (~200 B each)
         self.output_dir = output_dir  # the run directory whose metrics.jsonl `track sync` reads
         self._backlog: Deque[_Op] = collections.deque()  # failed writes, oldest first, sent again in order
@@ -225,9 +226,7 @@ class MlflowTracker(Tracker):
         monitor, self._system_monitor = self._system_monitor, None
         if monitor is not None:
             self._put(("final", monitor.finish, "stop system metrics"), force=True)
-        self._put(
-            ("final", lambda: self._client.set_terminated(self.run_id, status), f"end run ({status})"), force=True
-        )
+        self._put(("end", lambda: self._client.set_terminated(self.run_id, status), f"end run ({status})"), force=True)
         stopped = threading.Event()
         self._put(("stop", stopped, "stop"), force=True, timeout=timeout)
         if not stopped.wait(timeout):
@@ -242,12 +241,13 @@ class MlflowTracker(Tracker):
             os.environ.pop(k, None)
         self._env_set = []
         lost = self.dropped + self.undelivered
-        if lost:
+        if lost or not self.run_ended:
             logger.warning(
-                "MLflow: %d metric point(s)/operation(s) did not reach the store %s (it failed or lagged). "
+                "MLflow: %d metric point(s)/operation(s) did not reach the store %s (it failed or lagged)%s. "
                 "Every metric is in %s: `%s` sends what is missing once the store is back.",
                 lost,
                 self.display_uri,
+                "" if self.run_ended else f", and run {self.run_id} stays RUNNING there until then",
                 os.path.join(self.output_dir, "metrics.jsonl") if self.output_dir else "RUN_DIR/metrics.jsonl",
                 sync_hint(self.output_dir),
             )
@@ -328,9 +328,15 @@ class MlflowTracker(Tracker):
                     self._send(("metrics", chunk, what))
             elif kind == "call":
                 self._send(op)
-            elif kind == "final":  # the run's end: backlog and end are tried once, even during a back-off
+            elif kind == "final":  # local work at the end (the system metrics monitor): always done
                 self._send_backlog(force=True)
                 self._attempt(payload, what)
+            elif kind == "end":
+                # The backlog and then the run's status, each tried once even during a back-off; a store
+                # that has just failed is not asked again (a hung server costs 20 s a try).
+                self._send_backlog(force=True)
+                if not self._backlog:
+                    self.run_ended = self._attempt(payload, what) is True
             elif kind == "barrier":
                 payload.set()
             elif kind == "stop":
