@@ -82,7 +82,10 @@ sh_setup() {
     SH_MODE=$1            # srun: one task per rank | launcher: one task per node running deepspeed
     shift
     SH_USER_ARGS=("$@")   # the script's own arguments: key=value overrides (and extra CONFIGs)
-    trap sh_on_usr1 USR1  # from now on (a signal during the preflight is honoured after it)
+    # From now on (a signal during the preflight is honoured after it): USR1 from --signal=B:USR1@120,
+    # TERM from a `kill -TERM -<pgid>` of this script (a wrapper, a user) — both mean "checkpoint now".
+    trap 'sh_on_stop_signal USR1' USR1
+    trap 'sh_on_stop_signal TERM' TERM
     sh_defaults
     if [[ $CONTAINER == none && -n $VENV ]]; then
         # shellcheck disable=SC1091
@@ -256,18 +259,21 @@ sh_preflight() {
 # ---------------------------------------------------------------------------------------------------
 SH_PREEMPTED=0
 SH_STEP_PID=
-sh_on_usr1() {
+sh_on_stop_signal() {
     SH_PREEMPTED=1
-    sh_log "SIGUSR1 (time limit near or preemption requested): asking the ranks to checkpoint and exit"
+    sh_log "SIG$1 (time limit near, preemption, or a stop request): asking the ranks to checkpoint and exit"
     if [[ -n $SH_STEP_PID ]]; then
+        # As USR1: srun relays USR1 to every task, whereas an srun that gets TERM cancels the step
+        # (SIGKILL to the tasks), which would lose the checkpoint.
         kill -USR1 "$SH_STEP_PID" 2>/dev/null || true
     fi
 }
 
 # Runs "$@" in the background so the trap can fire while it runs (bash defers traps during a
-# foreground command), then waits for it. Sets SH_STEP_RC.
+# foreground command), then waits for it. Sets SH_STEP_RC. The step runs in its own session: a
+# SIGTERM to this script's process group reaches the trap above, not srun.
 sh_run_step() {
-    "$@" &
+    setsid "$@" &
     SH_STEP_PID=$!
     while kill -0 "$SH_STEP_PID" 2>/dev/null; do
         wait "$SH_STEP_PID" || true   # returns early whenever a trapped signal arrives

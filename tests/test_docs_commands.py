@@ -8,15 +8,15 @@ the test machine. CONTRIBUTING.md ("A documented shell command") states the rule
   a placeholder: `<...>`, `[...]`, `...`, an ALL-CAPS word) or names a verb that cannot run without
   arguments (`scale-hyper eval`). A fence without a language must not hold commands.
 * Each document runs as ONE bash session, in document order, in a scratch directory laid out like the
-  repository (links to pyproject.toml, scale_hyper/, ds_configs/, docker/; slurm/; a corpus/ of text files, the shared shard set), so a block
-  may use a variable or a run directory an earlier one made. A not-runnable command is left out (and
-  whatever needs its output is not runnable either, saying so).
+  repository (links to pyproject.toml, scale_hyper/, ds_configs/, docker/; a copy of slurm/; corpus/*.txt;
+  the shared shard set), so a block may use a variable or a run directory an earlier one made. A
+  not-runnable command is left out (and whatever needs its output is not runnable either, saying so).
 * The one shrinking mechanism: the session exports `SCALE_HYPER_APPEND` = OVERLAY (below), which the CLI
   appends to every verb's CONFIG arguments, so every `scale-hyper`/`deepspeed`/`torchrun`/`srun` run
   trains a tiny geometry for 2 steps on a small corpus. sbatch templates are submitted as shipped,
   from a copy whose `#SBATCH` hardware lines (partition, nodes, GPUs, tasks, CPUs, time) are the test
   cluster's; the job gets the overlay through sbatch's exported environment; the test waits for it
-  and wants COMPLETED and `training finished` in its log.
+  and wants COMPLETED, exit 0 and (training templates) `training finished` in its log.
 * XFAIL: commands that fail today for a reason an open issue fixes (strict: once they pass, the mark
   must go).
 
@@ -57,6 +57,10 @@ OVERLAY = (
     "train.max_steps=2 train.global_batch_size=16 train.micro_batch_size=16 train.eval_batches=2 train.log_every=1"
 )
 SHARDS = "data/stdlib-v512-s64"  # what every command without its own data.output reads (defaults.yaml + OVERLAY)
+# Paths documents name for shards that their earlier commands prepared at the real geometry under the
+# default name (docs/results.md: the tiny presets' data/stdlib-v4096-s128); under the overlay those
+# commands wrote SHARDS, so these are links to the same shard set.
+SHARDS_ALIASES = ["data/stdlib-v4096-s128"]
 
 # The #SBATCH hardware lines of the templates' copies: the test cluster (2 CPU nodes, 2 CPUs each), no
 # GPUs, 1 CPU per task, 20 minutes; a multi-node template gets 2 nodes x 1 task, a single-node one
@@ -144,11 +148,9 @@ NOT_RUNNABLE: Dict[Tuple[str, str], str] = {
     ("docker/README.md", "bash docker/install.sh --gpu"): INSTALL + "; " + GPU,
 }
 
-ITEM1 = (
-    "issue 12 item 1 (batch semantics): every preset has micro 32 = global 32, so a multi-rank run stops "
-    "at start; passes once the micro batch becomes an upper bound"
-)
-# (document, start of the command's text) -> why it fails today. strict: an XPASS fails the test.
+# (document, start of the command's text) -> why it fails today, naming the issue that fixes it. strict: an
+# XPASS fails the test, so the entry goes when the fix lands. Empty: the README's torchrun/deepspeed
+# examples, which failed before issue 12 item 1 (micro 32 = global 32 in every preset), now pass.
 XFAIL: Dict[Tuple[str, str], str] = {}
 
 
@@ -379,7 +381,8 @@ class Sessions:
                 shutil.copy(f, work / "slurm" / f.name)
         _corpus(work / "corpus")
         (work / SHARDS).parent.mkdir(parents=True)
-        (work / SHARDS).symlink_to(self.shards)  # the one prepared shard set
+        for path in (SHARDS, *SHARDS_ALIASES):
+            (work / path).symlink_to(self.shards)  # the one prepared shard set
         return work
 
     def run(self, doc: str) -> Dict[str, Result]:
