@@ -17,7 +17,8 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from scale_hyper.doctor.results import FAIL, PASS, SKIPPED, Result, human_bytes
+from scale_hyper.doctor.results import FAIL, PASS, SKIPPED, Result
+from scale_hyper.runs.disk import human_bytes
 
 JOINED, VERDICT = "doctor/joined/", "doctor/verdict"
 

@@ -72,11 +72,3 @@ def faults() -> Dict[str, Optional[str]]:
 def fault_rank(name: str) -> Optional[int]:
     value = faults().get(name)
     return int(value) if value is not None and value.isdigit() else None
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import errno
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any, Dict, List
 
 from scale_hyper.config import ConfigError, RunConfig
-from scale_hyper.doctor.results import FAIL, PASS, Result, faults, human_bytes
+from scale_hyper.doctor.results import FAIL, PASS, Result, faults
+from scale_hyper.runs import disk
+from scale_hyper.runs.disk import human_bytes
 
 BLOCK = 4 << 20
 
@@ -32,11 +33,7 @@ def checkpoint_room(run: RunConfig) -> int:
 
 
 def free_bytes(path: Path) -> int:
-    if "full_disk" in faults():
-        return 0
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return shutil.disk_usage(path).free
+    return 0 if "full_disk" in faults() else disk.free_bytes(path)
 
 
 def require_room(run: RunConfig) -> None:

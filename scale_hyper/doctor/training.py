@@ -23,7 +23,8 @@ import torch
 
 from scale_hyper import runs
 from scale_hyper.config import RunConfig
-from scale_hyper.doctor.results import FAIL, PASS, SKIPPED, Result, human_bytes
+from scale_hyper.doctor.results import FAIL, PASS, SKIPPED, Result
+from scale_hyper.runs.disk import human_bytes
 
 STEADY_FROM = 2  # optimizer steps done before residency is measured (probe.py says why)
 

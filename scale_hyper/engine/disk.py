@@ -1,46 +1,20 @@
-"""Disk space for checkpoints: how much one takes, whether it fits, and what to say when not.
+"""Disk space for checkpoints: whether they fit, and what to say when not (sizes: ``runs.disk``).
 
-The size of a checkpoint is measured from the newest complete one when there is one, otherwise
-estimated from the parameter count: fp32 master weights and two Adam moments (12 bytes/parameter,
-sharded over the ranks under ZeRO-1/2/3, whole under ZeRO-0) plus the model weights in their
-training dtype, with 10 % for metadata. Quotas (EDQUOT on Lustre/NFS/GPFS) are invisible to free-space
+Quotas (EDQUOT on Lustre/NFS/GPFS) are invisible to free-space
 checks: only a failing write shows them, and the checkpointer handles that too.
 """
 
 from __future__ import annotations
 
 import errno
-import shutil
 from pathlib import Path
 from typing import Optional
 
+from scale_hyper.runs.disk import estimate_checkpoint_bytes, free_bytes, human_bytes
 
-def human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
+__all__ = ["estimate_checkpoint_bytes", "free_bytes", "human", "looks_like_no_space", "preflight_message"]
 
-
-def directory_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-
-
-def estimate_checkpoint_bytes(params: int, precision: str, newest: Optional[Path]) -> int:
-    """Bytes of one checkpoint (all ranks' files together)."""
-    if newest is not None and newest.is_dir():
-        return int(directory_bytes(newest) * 1.05)
-    weight_bytes = 2 if precision in ("bf16", "fp16") else 4
-    return int(params * (12 + weight_bytes) * 1.1) + (1 << 20)
-
-
-def free_bytes(path: Path) -> int:
-    """Free space of the filesystem holding ``path`` (its nearest existing parent)."""
-    probe = Path(path).resolve()
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    return shutil.disk_usage(probe).free
+human = human_bytes  # the checkpointer's messages
 
 
 def looks_like_no_space(err: BaseException, path: Path, needed: int) -> bool:
