@@ -16,15 +16,16 @@ Failure policy:
 
 Modules, one concern each: ``redaction`` (secrets never reach the store), ``formatting`` (params,
 tags and keys within MLflow's limits), ``store`` (the store URI and artifact location),
-``trackers`` (the Tracker interface and the background writer), ``runs`` (start or resume the run),
+``base`` (the Tracker interface), ``trackers`` (the MLflow background writer), ``runs`` (start or resume the run),
 ``sync`` (back-fill a run from its metrics.jsonl).
 """
 
+from scale_hyper.tracking.base import NullTracker, Tracker
 from scale_hyper.tracking.formatting import format_params, format_tags
 from scale_hyper.tracking.redaction import is_secret_key, redact_params, redact_text
 from scale_hyper.tracking.runs import start_tracker
 from scale_hyper.tracking.store import TrackingError, choose_artifact_location, resolve_tracking_uri
-from scale_hyper.tracking.trackers import MlflowTracker, NullTracker, Tracker
+from scale_hyper.tracking.trackers import MlflowTracker
 
 __all__ = [
     "MlflowTracker",

@@ -16,6 +16,7 @@ from typing import Any, Dict, Optional, Tuple
 
 from scale_hyper.config.loading import flatten
 from scale_hyper.config.schema import RunConfig
+from scale_hyper.tracking.base import NullTracker, Tracker
 from scale_hyper.tracking.formatting import (
     MAX_PARAMS_TAGS_PER_BATCH,
     MAX_TAG_VAL_LENGTH,
@@ -34,7 +35,7 @@ from scale_hyper.tracking.store import (
     resolve_tracking_uri,
     sqlite_start_lock,
 )
-from scale_hyper.tracking.trackers import MlflowTracker, NullTracker, Tracker
+from scale_hyper.tracking.trackers import MlflowTracker
 
 logger = logging.getLogger(__name__)
 

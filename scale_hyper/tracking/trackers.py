@@ -25,6 +25,7 @@ import threading
 import time
 from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 
+from scale_hyper.tracking.base import TERMINAL_STATUSES, UI_INSTALL_NOTE, Tracker, sync_hint
 from scale_hyper.tracking.formatting import (
     MAX_METRICS_PER_BATCH,
     MAX_PARAMS_TAGS_PER_BATCH,
@@ -36,70 +37,11 @@ from scale_hyper.tracking.redaction import redact_document, redact_text
 
 logger = logging.getLogger(__name__)
 
-TERMINAL_STATUSES = ("FINISHED", "FAILED", "KILLED")
-UI_INSTALL_NOTE = "needs the full mlflow: pip install 'scale-hyper[ui]'"
 BACKOFF_FIRST_S = 2.0  # after a failure the backlog is tried again in 2 s, then 4, 8, 10, 10, ... s
 BACKOFF_MAX_S = 10.0  # a down store gets one request every 10 s: cheap, and no long wait once it is back
 # One request per try while training (the writer's back-off is the retry), and no request hangs for
 # minutes on a server that accepts connections but does not answer; a user's own setting wins.
 WRITER_HTTP_SETTINGS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
-
-
-def sync_hint(output_dir: Optional[str]) -> str:
-    """The command that back-fills a run's MLflow history from its metrics.jsonl."""
-    return f"scale-hyper track sync {output_dir or 'RUN_DIR'}"
-
-
-class Tracker:
-    """The interface the training loop uses. This base class does nothing: it is what every rank
-    but 0 gets (see :class:`NullTracker`). Nothing here ever raises during training."""
-
-    run_id: Optional[str] = None
-    experiment_id: Optional[str] = None
-    tracking_uri: Optional[str] = None  # resolved (absolute) store URI; may hold credentials
-    enabled: bool = False
-
-    def log_metrics(self, metrics: Dict[str, float], step: int) -> None:
-        pass
-
-    def log_text(self, text: str, artifact_file: str) -> None:
-        pass
-
-    def log_artifact(self, path: str, artifact_path: Optional[str] = None) -> None:
-        pass
-
-    def set_tags(self, tags: Dict[str, str]) -> None:
-        pass
-
-    def flush(self, timeout: float = 60.0) -> bool:
-        return True
-
-    def finish(self, status: str = "FINISHED") -> None:
-        pass
-
-    @property
-    def display_uri(self) -> str:
-        """The store URI with credentials masked: safe to print."""
-        return redact_text(self.tracking_uri or "")
-
-    @property
-    def ui_hint(self) -> str:
-        return ""
-
-    def __enter__(self) -> Tracker:
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.finish("FINISHED")
-        elif issubclass(exc_type, KeyboardInterrupt):
-            self.finish("KILLED")
-        else:
-            self.finish("FAILED")
-
-
-class NullTracker(Tracker):
-    """Non-zero ranks and ``tracking.enabled=false``: same methods, no store, no mlflow import."""
 
 
 _Op = Tuple[str, Any, str]  # (kind, payload, description); kind: metrics | call | final | end | barrier | stop
