@@ -11,6 +11,7 @@ same tests run the compiled kernels instead.
 """
 
 import importlib.util
+import logging
 import os
 import sys
 
@@ -20,6 +21,8 @@ import pytest
 import torch
 from tiny_models import tiny_config
 
+from scale_hyper.config.errors import is_user_error
+from scale_hyper.config.model import ConfigError
 from scale_hyper.kernels import hypermixing_triton as fused_module
 from scale_hyper.kernels import splits as split_plan
 from scale_hyper.models import ModelConfig, build_model
@@ -209,17 +212,53 @@ def test_half_precision_is_as_accurate_as_the_reference(kernels, dtype):
     "heads,c,p,why",
     [(2, 8, 6, "d/H=8"), (2, 24, 16, "d/H=24"), (1, 16, 256, "d'/H=256"), (2, 16, 12, "d'/H=12")],
 )
-def test_unsupported_shapes_fall_back_to_reference(kernels, heads, c, p, why):
+def test_unsupported_shapes_fall_back_for_auto_and_fail_for_triton(kernels, heads, c, p, why):
     b, n = 2, 9
     x, w1, w2 = inputs(b, n, heads, c, p)
     mask = padding_mask(b, n)
     reason = kernels.unsupported_reason(x, w1, w2, heads)
     assert reason is not None and why.split("=")[0] in reason
     want = hyper_mixing(x, w1, w2, heads, mask, scale="mean")
-    for kernel in ("auto", "triton"):  # the models' dispatch falls back to the reference
-        assert torch.equal(hyper_mixing(x, w1, w2, heads, mask, scale="mean", kernel=kernel), want)
+    # auto: the lenient choice, the reference path
+    assert torch.equal(hyper_mixing(x, w1, w2, heads, mask, scale="mean", kernel="auto"), want)
+    # triton: strict, a user error naming the shape and the way out
+    with pytest.raises(ConfigError, match="mixer_kernel=auto") as err:
+        hyper_mixing(x, w1, w2, heads, mask, scale="mean", kernel="triton")
+    assert str(tuple(x.shape)) in str(err.value) and why.split("=")[0] in str(err.value)
+    assert is_user_error(err.value)
     with pytest.raises(ValueError, match="cannot run"):
         kernels.fused_hyper_mixing(x, w1, w2, heads, mask)
+
+
+def test_pad_rows_are_zeroed_by_select_in_the_fused_path(kernels):
+    """A NaN/inf in a pad row of x, W1 or W2 reaches no real token (NaN·0 = NaN would)."""
+    heads, c, p, b, n = 2, 16, 16, 2, 21
+    x, w1, w2 = inputs(b, n, heads, c, p)
+    mask = padding_mask(b, n)
+    want = kernels.fused_hyper_mixing(x, w1, w2, heads, mask, scale="sqrt", block_n=16)
+    for bad in (float("nan"), float("inf")):
+        poisoned = [t.detach().clone() for t in (x, w1, w2)]
+        for t in poisoned:
+            t[~mask] = bad
+        poisoned = [t.requires_grad_() for t in poisoned]
+        got = kernels.fused_hyper_mixing(*poisoned, heads, mask, scale="sqrt", block_n=16)
+        assert torch.isfinite(got).all() and torch.equal(got[mask], want[mask]) and (got[~mask] == 0).all()
+        got[mask].sum().backward()
+        for t in poisoned:
+            assert torch.isfinite(t.grad).all() and (t.grad[~mask] == 0).all()
+
+
+def test_the_chosen_path_is_logged_once(kernels, monkeypatch, caplog):
+    monkeypatch.setattr(hypermixing_module, "_logged", set())
+    heads, b, n = 2, 2, 9
+    fits, narrow = inputs(b, n, heads, 16, 16), inputs(b, n, heads, 8, 8)
+    with caplog.at_level(logging.INFO, logger=hypermixing_module.__name__):
+        for _ in range(3):
+            hyper_mixing(*fits, heads, kernel="auto")
+            hyper_mixing(*narrow, heads, kernel="auto")
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2, lines
+    assert "fused Triton kernel" in lines[0] and "torch reference" in lines[1] and "d/H=8" in lines[1]
 
 
 def test_dispatch_rules(kernels, monkeypatch):
@@ -236,9 +275,15 @@ def test_dispatch_rules(kernels, monkeypatch):
     assert kernels.unsupported_reason(x, w1.double(), w2.double(), heads) is not None  # mixed dtypes
     with pytest.raises(ValueError, match="kernel="):
         hyper_mixing(x, w1, w2, heads, kernel="cuda")
-    # A stand-alone copy of the model code without scale_hyper.kernels: the reference path.
+    # A stand-alone copy of the model code without scale_hyper.kernels: auto runs the reference;
+    # triton too on CPU tensors (the kernel is CUDA-only), but on CUDA tensors it is an error.
     monkeypatch.setattr(hypermixing_module, "_fused_module", False)
-    assert torch.equal(hyper_mixing(x, w1, w2, heads, kernel="triton"), want)
+    assert torch.equal(hyper_mixing(x, w1, w2, heads, kernel="auto"), want)
+    if CUDA:
+        with pytest.raises(ConfigError, match="not importable"):
+            hyper_mixing(x, w1, w2, heads, kernel="triton")
+    else:
+        assert torch.equal(hyper_mixing(x, w1, w2, heads, kernel="triton"), want)
     if not CUDA:  # CPU without the interpreter: "falls back to torch elsewhere"
         monkeypatch.setattr(hypermixing_module, "_fused_module", None)
         monkeypatch.delenv("TRITON_INTERPRET")

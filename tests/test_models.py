@@ -295,17 +295,20 @@ def hyla_ref(mixer, x, mask):
 @pytest.mark.parametrize("masked", [True, False])
 def test_hyla_matches_loop_reference(masked):
     torch.manual_seed(0)
-    mixer = HylaMixer(tiny("hyla", hidden_size=8, num_heads=2, hyla_chunk=4)).double()
+    mixer = HylaMixer(tiny("hyla", hidden_size=8, num_heads=2, hyla_chunk=4)).double().eval()  # no dropout on a
     x = torch.randn(2, 6, 8, dtype=torch.float64)
     mask = random_mask() if masked else None
     with torch.no_grad():
         got, want = mixer(x, mask), hyla_ref(mixer, x, mask)
+    if mask is not None:  # pad queries' own outputs are unspecified (their q is zeroed)
+        got, want = got[mask], want[mask]
     torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
 
 
 def test_hyla_chunked_checkpointed_gradients_match_unchunked():
     torch.manual_seed(0)
-    chunked = HylaMixer(tiny("hyla", hidden_size=8, num_heads=2, hyla_chunk=2)).double()
+    # dropout=0: chunks draw their dropout masks separately, so only then are the two comparable
+    chunked = HylaMixer(tiny("hyla", hidden_size=8, num_heads=2, hyla_chunk=2, dropout=0.0)).double()
     whole = copy.deepcopy(chunked)
     whole.chunk = 1000
     x = torch.randn(2, 7, 8, dtype=torch.float64)

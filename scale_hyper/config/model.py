@@ -182,7 +182,7 @@ class ModelConfig(ConfigGroup):
     )
     mixer_kernel: str = option(
         "torch",
-        "generated mixer implementation: torch reference, fused triton kernel (CUDA; torch elsewhere), auto (triton when usable)",
+        "generated mixer implementation: torch reference; triton, the fused kernel on CUDA (an error where it cannot run there; torch on CPU); auto, the kernel where usable, else torch",
         choices=("torch", "triton", "auto"),
     )
     mixer_heads: int = option(0, "O7: heads of the generated mixer; 0 = num_heads", ge=0)
@@ -203,6 +203,18 @@ class ModelConfig(ConfigGroup):
 
     # --- hyla ---
     hyla_chunk: int = option(128, "hyla: queries per chunk; bounds memory at O(chunk·N·d/H)", ge=1)
+    hyla_scale: str = option(
+        "none",
+        "hyla: divide each query's sum over keys by 1 (none, the paper) or √n, n = real keys (sqrt: output scale independent of N)",
+        choices=("none", "sqrt"),
+    )
+
+    # --- hypermixer ---
+    hypermixer_mlp: str = option(
+        "bert",
+        "hypermixer: weight-generating MLPs with biases and BERT's normal init (bert) or, as the official code, no biases and xavier-uniform init (official)",
+        choices=("bert", "official"),
+    )
 
     def check(self, group: str) -> None:
         g = group

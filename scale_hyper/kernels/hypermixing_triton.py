@@ -18,9 +18,10 @@ may be empty) into an fp32 partial buffer [B, H, SPLIT, p, c], and ``finish_fwd`
 add the splits and apply the epilogue (scale, GELU / GELU′) as torch ops on those small tensors.
 SPLIT = 1 is the single pass above, epilogue in the kernel, no partial buffer.
 
-Pad tokens are handled outside the kernels: x, w1, w2 are multiplied by the mask first (as in the
-reference), so pads contribute nothing, receive zero output, and autograd of that multiply zeroes
-their gradients.
+Pad tokens are handled outside the kernels: pad rows of x, w1, w2 are replaced by 0 first with a
+select (as in the reference; not a multiply, since NaN·0 = NaN would leak a non-finite pad row into
+the real tokens' W1ᵀX), so pads contribute nothing, receive zero output, and autograd of that
+select zeroes their gradients.
 
 This package is a leaf: it imports nothing from scale_hyper. Choosing between this kernel and the
 reference is the caller's job (``hyper_mixing(kernel=...)`` in models/hypermixing.py asks
@@ -358,9 +359,10 @@ def fused_hyper_mixing(
         raise ValueError(f"scale={scale!r} is not one of {', '.join(SCALES)}")
     dtype = _compute_dtype(x, w1, w2)
     x, w1, w2 = x.to(dtype), w1.to(dtype), w2.to(dtype)
-    if mask is not None:
-        keep = mask[..., None].to(dtype)
-        x, w1, w2 = x * keep, w1 * keep, w2 * keep
+    if mask is not None:  # a select, not a multiply: NaN·0 = NaN (see the module docstring)
+        keep = mask[..., None].to(torch.bool)
+        zero = torch.zeros((), dtype=dtype, device=x.device)
+        x, w1, w2 = (torch.where(keep, t, zero) for t in (x, w1, w2))
     divisor = None
     if scale != "none":  # real tokens per sequence (at least 1), as the reference counts them
         count = x.new_full(x.shape[:1], float(x.shape[1]), dtype=torch.float32)

@@ -45,6 +45,12 @@ class SelfAttention(nn.Module):
         q, k, v = self.qkv(x).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
         if self.rotary:
             q, k = apply_rotary(q, k)
+        if mask is not None:
+            # Pad rows of q, k, v to 0 by a select: SDPA masks with a -inf bias and 0 weights, and
+            # NaN + -inf or 0·NaN would carry a non-finite pad row into real tokens (k, v in the
+            # forward, q in the backward). Real tokens' outputs are unchanged.
+            keep, zero = mask[:, None, :, None], torch.zeros((), dtype=q.dtype, device=q.device)
+            q, k, v = (torch.where(keep, t, zero) for t in (q, k, v))
         attn_mask, is_causal = attention_mask_for_sdpa(mask, n, self.causal)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0, is_causal=is_causal

@@ -78,6 +78,10 @@ class ScaleHyperConfig(PretrainedConfig):
 
     # --- hyla ---
     hyla_chunk: int = 128
+    hyla_scale: str = "none"
+
+    # --- hypermixer ---
+    hypermixer_mlp: str = "bert"
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         out = super().save_pretrained(save_directory, *args, **kwargs)

@@ -8,23 +8,29 @@ Shared by the ``hypermixer`` baseline (weights from a per-layer token-wise MLP) 
 ``W1_kᵀ X_k`` is a sum over tokens, so cost and memory are linear in N; no N×N tensor exists.
 
 ``kernel`` (ModelConfig.mixer_kernel) may route to the fused Triton kernel in
-``scale_hyper.kernels``. This file is also copied next to exported checkpoints, where that package
-may be missing: it is imported lazily, and whenever it cannot run the reference path below does.
+``scale_hyper.kernels``. ``auto`` is lenient: the kernel where it can run, else the reference path.
+``triton`` is strict on CUDA tensors: a shape/dtype the kernel cannot take (or no Triton) is a user
+error saying why; on CPU tensors (the kernel is CUDA-only) it runs the reference, so a checkpoint
+trained with ``triton`` still evaluates on CPU. The path chosen is logged once per process and
+reason. This file is also copied next to exported checkpoints, where ``scale_hyper.kernels`` may be
+missing: it is imported lazily.
 """
 
 from __future__ import annotations
 
-import warnings
+import logging
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from .layers import real_token_count
+from .model_config import ConfigError
 
 KERNELS = ("torch", "triton", "auto")
 _fused_module: Any = None  # scale_hyper.kernels.hypermixing_triton once imported; False: not importable
-_warned: set = set()
+_logged: set = set()  # (kernel, path) pairs already logged: the choice is reported once per process
+log = logging.getLogger(__name__)
 
 
 def _fused_kernels():
@@ -38,11 +44,18 @@ def _fused_kernels():
     return _fused_module or None
 
 
+def _log_once(kernel: str, path: str) -> None:
+    if (kernel, path) not in _logged:
+        _logged.add((kernel, path))
+        log.info("model.mixer_kernel=%s: HyperMixing runs %s", kernel, path)
+
+
 def _fused_or_none(kernel, x, w1, w2, heads):
     """``fused_hyper_mixing`` when ``kernel`` asks for it and it can run on these inputs, else None.
 
-    "triton" warns once per reason when it cannot run on CUDA tensors; "auto" falls back silently;
-    on CPU both fall back silently (unless TRITON_INTERPRET=1 turns the CPU interpreter on).
+    "auto" falls back to the reference whenever the kernel cannot run. "triton" raises a
+    ConfigError (a user error) when it cannot run on CUDA tensors, and runs the reference on CPU
+    tensors unless TRITON_INTERPRET=1 turns the CPU interpreter on (then it is strict there too).
     """
     if kernel not in KERNELS:
         raise ValueError(f"kernel={kernel!r} is not one of {', '.join(KERNELS)}")
@@ -51,11 +64,25 @@ def _fused_or_none(kernel, x, w1, w2, heads):
     fused = _fused_kernels()
     reason = "scale_hyper.kernels is not importable" if fused is None else fused.unsupported_reason(x, w1, w2, heads)
     if reason is None:
+        _log_once(kernel, "the fused Triton kernel")
         return fused.fused_hyper_mixing
-    if kernel == "triton" and x.is_cuda and reason not in _warned:
-        _warned.add(reason)
-        warnings.warn(f"mixer_kernel='triton' falls back to the torch path: {reason}", stacklevel=3)
+    interpreted = fused is not None and fused.interpreting()
+    if kernel == "triton" and (x.is_cuda or interpreted):
+        shapes = f"x {tuple(x.shape)} {x.dtype}, w1/w2 {tuple(w1.shape)}, heads={heads}"
+        raise ConfigError(
+            f"model.mixer_kernel=triton cannot run the fused kernel on {shapes}: {reason}"
+            " — set model.mixer_kernel=auto (falls back to torch where the kernel cannot run) or torch"
+        )
+    _log_once(kernel, f"the torch reference ({reason})")
     return None
+
+
+def zero_pads(mask: torch.Tensor, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Pad rows of each [B, N, ·] tensor set to 0, so pads are invisible to real tokens and their
+    outputs are 0. A select, not ``t * mask``: NaN·0 = NaN would leak a non-finite pad row into every
+    real token's W1ᵀX (its gradient is a select too, 0 for pads)."""
+    keep = mask[..., None].to(torch.bool)
+    return tuple(torch.where(keep, t, torch.zeros((), dtype=t.dtype, device=t.device)) for t in tensors)
 
 
 def hyper_mixing(
@@ -81,9 +108,7 @@ def hyper_mixing(
     b, n, d = x.shape
     width = w1.shape[-1]
     if mask is not None:
-        # Zeroing pad rows of X, W1 and W2 makes pads invisible to real tokens and their outputs 0.
-        keep = mask[..., None].to(x.dtype)
-        x, w1, w2 = x * keep, w1 * keep, w2 * keep
+        x, w1, w2 = zero_pads(mask, x, w1, w2)
     xh = x.reshape(b, n, heads, d // heads)
     w1h = w1.reshape(b, n, heads, width // heads)
     w2h = w2.reshape(b, n, heads, width // heads)

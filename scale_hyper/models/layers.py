@@ -66,17 +66,29 @@ class FeedForward(nn.Module):
 class HeadwiseLinear(nn.Module):
     """H independent linear maps applied to H feature groups in one einsum.
 
-    Input [..., H, in] -> output [..., H, out]; weight [H, in, out], bias [H, out].
+    Input [..., H, in] -> output [..., H, out]; weight [H, in, out], bias [H, out] (or none).
+    ``xavier_gain``: 0 = BERT's normal init (the model's ``_init_weights``); > 0 = xavier-uniform
+    with that gain, computed as the official HyperMixer code does (see ``xavier_bound``).
     """
 
-    def __init__(self, heads: int, in_features: int, out_features: int) -> None:
+    def __init__(
+        self, heads: int, in_features: int, out_features: int, bias: bool = True, xavier_gain: float = 0.0
+    ) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(heads, in_features, out_features))
-        self.bias = nn.Parameter(torch.zeros(heads, out_features))
+        self.bias = nn.Parameter(torch.zeros(heads, out_features)) if bias else None
+        self.xavier_gain = xavier_gain
         nn.init.normal_(self.weight, std=0.02)
 
+    def xavier_bound(self) -> float:
+        """Bound of the uniform init. The official code stores the weight as [H, out, in] and calls
+        ``xavier_uniform_`` on that 3-D tensor, so torch takes fan_in = out·in, fan_out = H·in."""
+        heads, fan, out = self.weight.shape
+        return self.xavier_gain * math.sqrt(6.0 / (out * fan + heads * fan))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.einsum("...hi,hio->...ho", x, self.weight) + self.bias
+        y = torch.einsum("...hi,hio->...ho", x, self.weight)
+        return y if self.bias is None else y + self.bias
 
 
 def sinusoidal_positions(n: int, dim: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:

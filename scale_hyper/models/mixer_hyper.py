@@ -93,6 +93,10 @@ class HyperNetwork(nn.Module):
 
     def forward(self, x: torch.Tensor, layer: int, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         b, n, _ = x.shape
+        if mask is not None:
+            # Pad rows to 0 by a select before the hypernetwork's own residual stream: a non-finite
+            # pad row would otherwise return through its attention's backward into real tokens.
+            x = torch.where(mask[..., None], x, torch.zeros((), dtype=x.dtype, device=x.device))
         if self.input_proj is not None:
             h = self.input_proj(self.input_norm(x) if self.input_norm is not None else x)
         else:  # "layer": static weights; x only supplies batch shape, device and dtype

@@ -4,8 +4,13 @@ Per layer, the hypernetwork input is ``x·√d + sinusoidal PE`` (positions ente
 mixer head k a token-wise MLP ``d/H -> d/H -> d'/H`` (GELU) yields the rows of W1 (a second one
 yields W2 unless ``tied_weights``). ``Y = LN(concat_k W2_k · GELU(W1_kᵀ X_k))``.
 
-Switches honoured: ``mixer_width`` (d'), ``mixer_heads``, ``tied_weights``, ``mixer_scale``.
-The ``hyper_*`` switches belong to HyperBERT's shared hypernetwork and do not apply here.
+Switches honoured: ``mixer_width`` (d'), ``mixer_heads``, ``tied_weights``, ``mixer_scale``,
+``hypermixer_mlp`` ("bert": the weight-generating MLPs have biases and BERT's normal init, like
+every other layer here; "official": no biases and xavier-uniform init with gain √2, as the official
+idiap/hypermixing code). The ``hyper_*`` switches belong to HyperBERT's shared hypernetwork.
+
+Positions differ from the official code (docs/engine.md, "Models"): ours is the standard sinusoidal
+table from position 0; the official one starts at position 1 and its frequencies decay twice as fast.
 """
 
 from __future__ import annotations
@@ -23,10 +28,11 @@ from .layers import HeadwiseLinear, sinusoidal_positions
 class HeadwiseMLP(nn.Module):
     """H token-wise MLPs ``in -> hidden -> out`` (GELU), batched over heads with einsum."""
 
-    def __init__(self, heads: int, in_features: int, hidden: int, out_features: int) -> None:
+    def __init__(self, heads: int, in_features: int, hidden: int, out_features: int, official: bool = False) -> None:
         super().__init__()
-        self.fc1 = HeadwiseLinear(heads, in_features, hidden)
-        self.fc2 = HeadwiseLinear(heads, hidden, out_features)
+        bias, gain = (False, math.sqrt(2.0)) if official else (True, 0.0)
+        self.fc1 = HeadwiseLinear(heads, in_features, hidden, bias=bias, xavier_gain=gain)
+        self.fc2 = HeadwiseLinear(heads, hidden, out_features, bias=bias, xavier_gain=gain)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.gelu(self.fc1(x)))
@@ -40,9 +46,10 @@ class HyperMixerMixer(nn.Module):
         self.kernel = getattr(cfg, "mixer_kernel", "torch")
         group = cfg.hidden_size // self.heads
         width = cfg.mixer_width // self.heads
-        self.w1_net = HeadwiseMLP(self.heads, group, group, width)
+        official = getattr(cfg, "hypermixer_mlp", "bert") == "official"
+        self.w1_net = HeadwiseMLP(self.heads, group, group, width, official)
         # Tied: W2 is the same tensor as W1 (the official code's tied path crashes; this one is plain).
-        self.w2_net = None if cfg.tied_weights else HeadwiseMLP(self.heads, group, group, width)
+        self.w2_net = None if cfg.tied_weights else HeadwiseMLP(self.heads, group, group, width, official)
         self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
     def forward(

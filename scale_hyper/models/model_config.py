@@ -2,4 +2,4 @@
 ``from .model_config import ModelConfig`` works both here and in exported directories, where
 ``save_pretrained`` writes the standalone, stdlib-only ``scale_hyper/config/model.py`` under this name."""
 
-from scale_hyper.config.model import MIXERS, ModelConfig  # noqa: F401
+from scale_hyper.config.model import MIXERS, ConfigError, ModelConfig  # noqa: F401

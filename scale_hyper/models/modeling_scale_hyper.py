@@ -36,7 +36,10 @@ class ScaleHyperPreTrainedModel(PreTrainedModel):
     def _init_weights(self, module: nn.Module) -> None:
         """BERT init: normal(0, initializer_range) weights, zero biases, LayerNorm ones/zeros."""
         std = self.config.initializer_range
-        if isinstance(module, (nn.Linear, HeadwiseLinear)):
+        if isinstance(module, HeadwiseLinear) and module.xavier_gain:
+            bound = module.xavier_bound()  # hypermixer_mlp=official: the official HyperMixer init
+            init.uniform_(module.weight, -bound, bound)
+        elif isinstance(module, (nn.Linear, HeadwiseLinear)):
             init.normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
                 init.zeros_(module.bias)

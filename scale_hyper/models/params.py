@@ -10,6 +10,15 @@ from torch import nn
 from .model_config import ModelConfig
 
 COMPONENTS = ("embeddings", "mixers", "hypernetwork", "ffn", "heads")
+# The three sums the comparison with BERT reports side by side (models.md): the headline total
+# depends on the vocabulary (embeddings) and on max_position (BERT's position table and HyperBERT's
+# hypernetwork position table P); non-embedding drops the encoder's embeddings (P stays, it is part
+# of the hypernetwork); mixing is what replaces attention (mixers + shared hypernetwork).
+DELTA_GROUPS = {
+    "total": COMPONENTS,
+    "non-embedding": ("mixers", "hypernetwork", "ffn", "heads"),
+    "mixing": ("mixers", "hypernetwork"),
+}
 
 
 def component_of(name: str) -> str:
@@ -47,11 +56,17 @@ def _meta_mlm(mc: ModelConfig) -> nn.Module:
 
 
 def parameter_report(mc: ModelConfig) -> dict:
-    """Component counts of the MLM model for ``mc`` and of BERT with the same geometry."""
+    """Component counts of the MLM model for ``mc`` and of BERT with the same geometry, and the
+    deltas against BERT over each of ``DELTA_GROUPS`` (``deltas[group]``: params, baseline, delta, pct)."""
     components = count_by_component(_meta_mlm(mc))
     baseline = count_by_component(_meta_mlm(dataclasses.replace(mc, mixer="bert")))
     delta = components["total"] - baseline["total"]
+    deltas = {}
+    for group, parts in DELTA_GROUPS.items():
+        ours, bert = sum(components[p] for p in parts), sum(baseline[p] for p in parts)
+        deltas[group] = {"params": ours, "baseline": bert, "delta": ours - bert, "pct": 100.0 * (ours - bert) / bert}
     return {
+        "deltas": deltas,
         "mixer": mc.mixer,
         "components": components,
         "total_params": components["total"],
