@@ -8,7 +8,6 @@ import collections
 import dataclasses
 import io
 import logging
-import os
 import tarfile
 
 import numpy as np
@@ -206,7 +205,7 @@ def test_resume_after_a_resplit_is_exact(tmp_path):
     state = resplit_cursor([ld.state_dict() for ld in old], rank=0, world_size=1)
     a = train_loader(cfg, manifest, seed=4, rank=0, world_size=1, micro_batch_size=4, state=state)
     first = _take(a, 3)
-    assert a.state_dict()["resplits"] == [[2, 1, 4, 5]]
+    assert a.state_dict()["resplits"] == [[2, 1, 4, 5, 4, 1024]]  # + data.shards_per_worker, data.shuffle_buffer
     b = train_loader(cfg, manifest, seed=4, rank=0, world_size=1, micro_batch_size=4, state=a.state_dict())
     c = train_loader(cfg, manifest, seed=4, rank=0, world_size=1, micro_batch_size=4, state=state)
     assert _same(_take(b, 60), _take(c, 63)[3:])  # across the epoch boundary too
@@ -345,39 +344,6 @@ def test_prepared_stdlib_end_to_end_with_spawned_workers(tmp_path):
     assert collections.Counter(rows).most_common(1)[0][1] <= 2  # ranks read different data
 
 
-FAKE_AWS = """#!/bin/sh
-# stands in for `aws s3 cp --only-show-errors SRC DST` (one side is "-"), on a local directory
-shift 3
-path() { echo "$FAKE_S3_ROOT/${1#s3://}"; }
-if [ "$2" = "-" ]; then exec cat "$(path "$1")"; fi
-mkdir -p "$(dirname "$(path "$2")")" && exec cat > "$(path "$2")"
-"""
-
-
-def test_s3_output_through_the_aws_cli(tmp_path, monkeypatch):
-    """prepare writes to s3:// and the loader reads from it, through `aws s3 cp` (a local stand-in)."""
-    from scale_hyper.data import load_tokenizer
-
-    bindir = tmp_path / "bin"
-    bindir.mkdir()
-    (bindir / "aws").write_text(FAKE_AWS)
-    (bindir / "aws").chmod(0o755)
-    monkeypatch.setenv("PATH", f"{bindir}{os.pathsep}{os.environ['PATH']}")
-    monkeypatch.setenv("FAKE_S3_ROOT", str(tmp_path / "s3"))
-    small = dict(max_documents=30, vocab_size=256, seq_len=32, min_shards=4, prepare_workers=1, num_workers=0)
-    cfg = DataConfig(output="s3://bucket/run1", **small)
-    manifest = ensure_prepared(cfg, seed=0)  # no manifest yet: the failed read counts as absent
-    assert sorted(os.listdir(tmp_path / "s3" / "bucket" / "run1"))[:2] == ["manifest.json", "tokenizer"]
-    assert ensure_prepared(cfg, seed=0)["splits"] == manifest["splits"]  # found through s3 this time
-    local = DataConfig(output=f"file://{tmp_path / 's3' / 'bucket' / 'run1'}", **small)
-    a = _take(train_loader(cfg, manifest, seed=0, rank=0, world_size=1, micro_batch_size=8), 4)
-    b = _take(
-        train_loader(local, shardlib.load_manifest(local.output), seed=0, rank=0, world_size=1, micro_batch_size=8), 4
-    )
-    assert _same(a, b)
-    assert load_tokenizer(manifest).mask_token_id == 4
-
-
 def test_http_shards_through_curl(tmp_path):
     import functools
     import http.server
@@ -397,3 +363,53 @@ def test_http_shards_through_curl(tmp_path):
         assert _same(a, b)
     finally:
         server.shutdown()
+
+
+def _shard_of(ids, sizes):
+    return set(np.searchsorted(np.cumsum(sizes), ids, side="right").tolist())
+
+
+@pytest.mark.parametrize("workers,buffer", [(0, 0), (0, 1024), (2, 64)])
+def test_every_micro_batch_mixes_at_least_four_shards(tmp_path, workers, buffer):
+    """data.shards_per_worker=4: a worker with ≥ 4 shards puts sequences of ≥ 4 shards in every micro-batch."""
+    sizes = [32] * 16  # 1 rank: 16 (or 2 × 8) shards per worker
+    manifest = _synthetic(tmp_path / "d", sizes)
+    cfg = _cfg(tmp_path / "d", num_workers=workers, shuffle_buffer=buffer)
+    loader = train_loader(cfg, manifest, seed=9, rank=0, world_size=1, micro_batch_size=8)
+    batches = _take(loader, 2 * loader.batches_per_epoch)
+    assert min(len(_shard_of(_ids(b), sizes)) for b in batches) >= 4
+    assert sorted(i for b in batches[: loader.batches_per_epoch] for i in _ids(b)) == list(range(512))
+    one = train_loader(_cfg(tmp_path / "d", shards_per_worker=1, shuffle_buffer=0), manifest, 9, 0, 1, 8)
+    assert max(len(_shard_of(_ids(b), sizes)) for b in _take(one, 64)) <= 2, "without mixing: one shard (two at a seam)"
+
+
+@pytest.mark.parametrize("stop", [7, 30, 35])
+def test_resume_is_exact_with_small_shuffle_windows(tmp_path, stop):
+    manifest = _synthetic(tmp_path / "d", [20] * 9 + [13])
+    cfg = _cfg(tmp_path / "d", num_workers=2, shuffle_buffer=12, shards_per_worker=3)  # windows of 4 per lane
+    full = _take(train_loader(cfg, manifest, seed=2, rank=0, world_size=1, micro_batch_size=5), 50)
+    first = train_loader(cfg, manifest, seed=2, rank=0, world_size=1, micro_batch_size=5)
+    head = _take(first, stop)
+    resumed = train_loader(cfg, manifest, seed=2, rank=0, world_size=1, micro_batch_size=5, state=first.state_dict())
+    assert _same(head + _take(resumed, 50 - stop), full)
+
+
+@pytest.mark.parametrize("case", ["2->1", "2x2 workers->1x1", "2->3->1 (chained)"])
+def test_resplit_with_small_shuffle_windows(tmp_path, case):
+    layouts, takes = RESPLITS[case]
+    manifest = _synthetic(tmp_path / "d", [16] * 16)
+    read = _read_epoch0(_cfg(tmp_path / "d", shuffle_buffer=8, shards_per_worker=2), manifest, layouts, takes)
+    world, batch, workers = (*layouts[-1], 1)[:3]
+    assert len(read) == len(set(read)) and 256 - len(read) < world * max(1, workers) * batch
+
+
+def test_cursor_from_before_mixing_resumes_without_repeats(tmp_path):
+    """A cursor saved without data.shards_per_worker/shuffle_buffer was read one shard at a time: it is
+    re-split onto the mixing layout (none read twice)."""
+    manifest = _synthetic(tmp_path / "d", [16] * 16)
+    old = train_loader(_cfg(tmp_path / "d", shards_per_worker=1, shuffle_buffer=0), manifest, 4, 0, 1, 4)
+    read = [i for b in _take(old, 13) for i in _ids(b)]
+    state = {k: v for k, v in old.state_dict().items() if k not in ("shards_per_worker", "shuffle_buffer")}
+    new = train_loader(_cfg(tmp_path / "d"), manifest, 4, 0, 1, 4, state=state)
+    read += [i for b in _take(new, new.batches_per_epoch) for i in _ids(b)]
+    assert len(read) == len(set(read)) and len(read) > 250

@@ -75,7 +75,8 @@ def test_byte_identical_across_runs_and_worker_counts(prepared, tmp_path):
     cfg, m = prepared
     again = ensure_prepared(dataclasses.replace(cfg, output=str(tmp_path / "again"), prepare_workers=1), seed=5)
     a, b = _files(m["location"]), _files(again["location"])
-    assert a.keys() == b.keys() and len(a) == 16 + 1 + 3 + 1
+    # 16 train + 1 val shards, 3 tokenizer files, the plan, 1 slice's partial manifest, the manifest
+    assert a.keys() == b.keys() and len(a) == 16 + 1 + 3 + 1 + 1 + 1
     assert a == b
 
 

@@ -93,34 +93,30 @@ NOT_RUNNABLE: Dict[Tuple[str, str], str] = {
         "needs several machines reachable over ssh (node-1, node-2); tests/test_multinode_ssh.py runs this "
         "launch on two host names of the test machine"
     ),
-    # docs/experiments.md: cluster recipes on WikiText-103 / C4 from the Hub, 8-GPU nodes, S3, GLUE
+    # docs/experiments.md: sweeps on WikiText-103 / C4 from the Hub, 8-GPU nodes, S3, GLUE
+    ("docs/experiments.md", "scale-hyper sweep sweeps/c4-base.yaml --dry-run"): (
+        "under the docs overlay (global batch 16) the spec's 64 GPUs per run cannot split the batch; "
+        "tests/test_sweep.py::test_shipped_spec_dry_run runs this dry run on the spec as shipped"
+    ),
+    ("docs/experiments.md", "scale-hyper sweep sweeps/cpu-study.yaml --local"): (
+        "36 training runs and their evaluations (about 28 min on 2 cores as shipped, over 10 min even under "
+        "the overlay); tests/test_sweep_slurm.py runs a sweep end to end"
+    ),
     ("docs/experiments.md", "scale-hyper prepare data.source=hf:wikitext"): HUB + " (WikiText-103)",
-    ("docs/experiments.md", "for m in hyperbert bert hypermixer; do deepspeed --num_gpus 8"): (
-        "trains on the WikiText-103 shards of the Hub download above, 8 GPUs per run"
+    ("docs/experiments.md", "scale-hyper sweep sweeps/wt103-mini.yaml --slurm"): (
+        "submits 60 8-GPU jobs (and GLUE from the Hub) on the WikiText-103 shards of the Hub download above"
     ),
-    ("docs/experiments.md", "for m in hyperbert bert hypermixer; do scale-hyper eval runs/wt103"): (
-        HUB + " (GLUE), and needs the WikiText-103 runs above"
-    ),
-    ("docs/experiments.md", "scale-hyper report wt103-mini --out results/wt103-mini"): (
-        "reports the WikiText-103 runs above (Hub data, GPUs)"
-    ),
-    ("docs/experiments.md", "for m in hyperbert bert; do for L in 8 12; do"): (
-        "continues the WikiText-103 runs above (Hub data), 8 GPUs per run"
-    ),
-    ("docs/experiments.md", "scale-hyper report wt103-mini --out results/transplant"): (
-        "reports the WikiText-103 runs above (Hub data, GPUs)"
+    ("docs/experiments.md", "scale-hyper sweep sweeps/wt103-transplant.yaml --slurm"): (
+        "submits 60 8-GPU jobs on the WikiText-103 shards of the Hub download above"
     ),
     ("docs/experiments.md", "scale-hyper prepare data.source=hf:allenai/c4"): (
         HUB + " (C4, hundreds of GB) and writes to s3://"
     ),
-    ("docs/experiments.md", 'for m in hyperbert bert hypermixer; do CONFIG="$m-base'): (
-        "8-node GPU jobs on the C4 shards in s3:// (the test cluster has 2 CPU nodes)"
+    ("docs/experiments.md", "scale-hyper sweep sweeps/c4-base.yaml --slurm"): (
+        "submits 45 64-GPU jobs on the C4 shards in s3:// (the test cluster has 2 CPU nodes)"
     ),
-    ("docs/experiments.md", "for m in hyperbert bert hypermixer; do scale-hyper glue /scratch/runs"): (
-        HUB + " (GLUE), and needs the C4 runs above"
-    ),
-    ("docs/experiments.md", "scale-hyper report c4-base --out results/c4-base"): (
-        "reads a remote MLflow server (https://mlflow.example.org: internet)"
+    ("docs/experiments.md", "deepspeed --num_gpus 8 --module scale_hyper train hyperbert-mini"): (
+        "8 GPUs, on the WikiText-103 shards of the Hub download above"
     ),
     # docs/benchmarks.md
     ("docs/benchmarks.md", "scale-hyper bench train"): (
@@ -134,6 +130,10 @@ NOT_RUNNABLE: Dict[Tuple[str, str], str] = {
     ),
     ("slurm/README.md", "tail -f logs/scale-hyper-<jobid>.out"): "follows a log forever, with a placeholder job id",
     ("slurm/README.md", "sbatch --nodes=8 --time=48:00:00"): "asks for 8 nodes (the test cluster has 2)",
+    ("slurm/README.md", "mkdir -p logs && sbatch --array=0-15"): (
+        "a 16-task array over a C4 copy on /shared (none here); tests/test_prepare_slurm.py runs prepare.sbatch as "
+        "a 2-task array, interrupted and resumed, on the test cluster"
+    ),
     # docker/README.md
     ("docker/README.md", "docker build -f docker/Dockerfile "): DOCKER + "; the GPU base image is many GB",
     ("docker/README.md", "docker build -f docker/Dockerfile.cpu"): DOCKER,
@@ -371,7 +371,7 @@ class Sessions:
     def workdir(self, doc: str) -> Path:
         work = self.root / doc.replace("/", "_").replace(".md", "")
         work.mkdir()
-        for name in ("ds_configs", "docker", "scale_hyper", "pyproject.toml", "README.md"):
+        for name in ("ds_configs", "docker", "scale_hyper", "sweeps", "pyproject.toml", "README.md"):
             (work / name).symlink_to(REPO / name)
         (work / "slurm").mkdir()
         for f in (REPO / "slurm").iterdir():

@@ -1,8 +1,11 @@
 """`scale-hyper bench data`: masked tokens/s of ONE loader worker at seq 128 and 512.
 
-Runs the worker's whole pipeline in-process (read tar shards → per-epoch permutation → masking →
-int64 tensors) on synthetic shards written to a temporary directory (random ids over
-``data.vocab_size``), so it needs no prepared data. Masking alone is timed as well. Inter-process
+Runs the worker's whole pipeline in-process (read tar shards → per-epoch permutation → k shards
+interleaved and the shuffle buffer → masking → int64 tensors) on synthetic shards written to a
+temporary directory (random ids over ``data.vocab_size``), so it needs no prepared data. Each
+sequence length is timed three ways: one shard at a time without buffer (``plain``), with this
+config's ``data.shards_per_worker``/``data.shuffle_buffer`` (``mixing``), and a 2-source
+``data.mixture`` (0.7/0.3) with the same mixing. Masking alone is timed as well. Inter-process
 transfer to the trainer is not included: that is the DataLoader's cost, not the worker's.
 """
 
@@ -34,18 +37,34 @@ def _synthetic(tmp: str, seq_len: int, vocab_size: int) -> dict:
     return shardlib.write_arrays(tmp, {"train": parts}, vocab_size)
 
 
+def _tokens_per_s(loader, seconds: float) -> float:
+    it = iter(loader)
+    next(it)  # first shards read outside the timing, like a warmed-up worker
+    tokens, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        tokens += next(it)["input_ids"].numel()
+    return tokens / (time.perf_counter() - start)
+
+
 def measure(data_cfg, seq_len: int, micro_batch_size: int, seconds: float = 3.0) -> Dict[str, float]:
+    from scale_hyper.config.schema import MixtureSource
+
     with tempfile.TemporaryDirectory(prefix="scale-hyper-bench-") as tmp:
-        manifest = _synthetic(tmp, seq_len, data_cfg.vocab_size)
-        cfg = _copy(data_cfg, output=tmp, num_workers=0)
-        loader = train_loader(cfg, manifest, seed=0, rank=0, world_size=1, micro_batch_size=micro_batch_size)
-        it = iter(loader)
-        next(it)  # first shard read outside the timing, like a warmed-up worker
-        tokens, start = 0, time.perf_counter()
-        while time.perf_counter() - start < seconds:
-            batch = next(it)
-            tokens += batch["input_ids"].numel()
-        loader_tps = tokens / (time.perf_counter() - start)
+        manifest = _synthetic(f"{tmp}/a", seq_len, data_cfg.vocab_size)
+        _synthetic(f"{tmp}/b", seq_len, data_cfg.vocab_size)
+        base = dict(output=f"{tmp}/a", num_workers=0, seq_len=seq_len)
+        variants = {
+            "plain": _copy(data_cfg, **base, shards_per_worker=1, shuffle_buffer=0, mixture=[]),
+            "mixing": _copy(data_cfg, **base, mixture=[]),
+            "mixture": _copy(
+                data_cfg, **base, mixture=[MixtureSource(f"{tmp}/a", 0.7), MixtureSource(f"{tmp}/b", 0.3)]
+            ),
+        }
+        out: Dict[str, float] = {"seq_len": seq_len}
+        for name, cfg in variants.items():
+            loader = train_loader(cfg, manifest, seed=0, rank=0, world_size=1, micro_batch_size=micro_batch_size)
+            out[f"{name}_tokens_per_s"] = _tokens_per_s(loader, seconds)
+        out["loader_tokens_per_s"] = out["mixing_tokens_per_s"]
 
         masker = Masker(data_cfg.vocab_size, range(5), 4, data_cfg.mask_prob)
         ids = (
@@ -58,8 +77,8 @@ def measure(data_cfg, seq_len: int, micro_batch_size: int, seconds: float = 3.0)
         while time.perf_counter() - start < seconds / 3:
             masker(ids, uids + reps * micro_batch_size, key)
             reps += 1
-        mask_tps = reps * ids.size / (time.perf_counter() - start)
-    return {"seq_len": seq_len, "loader_tokens_per_s": loader_tps, "masking_tokens_per_s": mask_tps}
+        out["masking_tokens_per_s"] = reps * ids.size / (time.perf_counter() - start)
+    return out
 
 
 def _copy(data_cfg, **changes):
@@ -73,10 +92,12 @@ def _copy(data_cfg, **changes):
 
 
 def main(cfg) -> int:
-    b = cfg.train.micro_batch_size
-    print(f"data loader, one worker, micro_batch_size={b}, vocab {cfg.data.vocab_size}, mask_prob {cfg.data.mask_prob}")
-    print(f"{'seq_len':>8} {'worker tokens/s':>16} {'masking only':>14}")
+    b, d = cfg.train.micro_batch_size, cfg.data
+    print(f"data loader, one worker, micro_batch_size={b}, vocab {d.vocab_size}, mask_prob {d.mask_prob}; "
+          f"mixing = data.shards_per_worker={d.shards_per_worker}, data.shuffle_buffer={d.shuffle_buffer}")  # fmt: skip
+    print(f"{'seq_len':>8} {'plain':>10} {'mixing':>10} {'mixture':>10} {'masking only':>14}  (tokens/s)")
     for s in SEQ_LENS:
         r = measure(cfg.data, s, b)
-        print(f"{s:>8} {r['loader_tokens_per_s'] / 1e6:>14.2f}M {r['masking_tokens_per_s'] / 1e6:>12.1f}M")
+        cols = " ".join(f"{r[k + '_tokens_per_s'] / 1e6:>9.2f}M" for k in ("plain", "mixing", "mixture"))
+        print(f"{s:>8} {cols} {r['masking_tokens_per_s'] / 1e6:>12.1f}M")
     return 0

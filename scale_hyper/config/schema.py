@@ -35,22 +35,34 @@ def main_job_model() -> ModelConfig:
 
 
 @dataclass
+class MixtureSource(ConfigGroup):
+    """One entry of ``data.mixture``: a prepared dataset and its share of the training sequences."""
+
+    output: str = option("", "a prepared data.output (local directory or URL) holding manifest.json")
+    weight: float = option(1.0, "relative share of training sequences (normalised over the mixture)", gt=0)
+
+    def check(self, group: str) -> None:
+        if not self.output:
+            raise fail(f"{group}.output is empty", f"set {group}.output to a prepared data.output")
+
+
+@dataclass
 class DataConfig(ConfigGroup):
     GROUP: ClassVar[str] = "data"
 
     source: str = option(
         "stdlib",
-        "where text comes from: stdlib (embedded: Python's own docs, no download), a local file or glob "
-        "(.txt, .jsonl, .gz), or hf:NAME for a Hugging Face dataset (streamed)",
+        "where text comes from: stdlib (embedded: Python's own docs, no download), local files, globs or URLs "
+        "(.txt, .jsonl, .gz, .zst, .parquet; comma-separated), or hf:NAME for a Hugging Face dataset (streamed)",
     )
     hf_config: Optional[str] = option(None, "datasets config name for hf: sources, e.g. wikitext-103-raw-v1")
     hf_split: str = option("train", "datasets split for hf: sources")
     hf_data_files: Optional[str] = option(None, "data_files (a path or glob) for hf:json, hf:text, hf:parquet")
-    text_field: str = option("text", "field holding the text in .jsonl files and datasets rows")
+    text_field: str = option("text", "field (column) holding the text in .jsonl/.parquet files and datasets rows")
     max_documents: int = option(0, "read at most this many documents; 0 = all", ge=0)
     output: str = option(
         "data/stdlib",
-        "shards: a local directory, or a URL/brace pattern webdataset reads (file:, http(s):, pipe:, s3:); "
+        "shards: a local directory, or a URL: s3: (s3fs, AWS_ENDPOINT_URL_S3/AWS_PROFILE), file:, http(s):, pipe:; "
         "without a preset, presets/defaults.yaml names it after data.vocab_size and data.seq_len",
     )
     tokenizer: Optional[str] = option(None, "an existing tokenizer directory; None = train WordPiece on the corpus")
@@ -65,12 +77,36 @@ class DataConfig(ConfigGroup):
         16, "small corpora are cut into at least this many shards (ranks × workers must fit)", ge=1
     )
     val_fraction: float = option(0.02, "fraction of sequences held out for validation", ge=0, lt=1)
-    prepare_workers: int = option(2, "tokenizer processes of `scale-hyper prepare`; 0 or 1 = in-process", ge=0)
+    prepare_workers: int = option(
+        2, "local processes per `scale-hyper prepare` task, each tokenizing whole slices; 0 or 1 = in-process", ge=0
+    )
+    slice_bytes: int = option(
+        64 << 20, "prepare: uncompressed local text files are cut into slices of this many bytes", ge=4096
+    )
+    slice_documents: int = option(
+        20_000, "prepare: stdlib, one-shard hf: sources and max_documents runs are cut into slices of N documents", ge=1
+    )
     num_workers: int = option(1, "loader worker processes per rank; 0 = in the training process", ge=0)
-    shuffle_buffer: int = option(1024, "unused: shuffling is exact by construction (kept for old configs)", ge=0)
+    shards_per_worker: int = option(
+        4, "loader: each worker reads this many of its shards at once, one sequence from each in turn", ge=1
+    )
+    shuffle_buffer: int = option(
+        1024,
+        "loader: sequences per seeded shuffle window of a worker's interleaved shards (exactly resumable); 0 = off",
+        ge=0,
+    )
+    mixture: List[MixtureSource] = option(
+        help="weighted mix of prepared datasets, per sequence, e.g. [{output: DIR_OR_URL, weight: 0.7}, ...] "
+        "(weights > 0, normalised); empty = data.output alone. Tokenizer and validation: the first source's",
+        factory=list,
+    )
     mask_prob: float = option(0.15, "MLM: probability that a token is selected for prediction", ge=0, lt=1)
     on_corrupt: str = option("skip", "a corrupt shard: skip it (logged and counted) or fail", choices=("skip", "fail"))
     allow_pipe: bool = option(False, "run pipe: URLs named in this config (never from shards or manifests)")
+
+    def check(self, group: str) -> None:
+        for i, src in enumerate(self.mixture):
+            src.validate(f"{group}.mixture[{i}]")
 
 
 @dataclass
@@ -253,6 +289,7 @@ __all__ = [
     "DataConfig",
     "DeepSpeedConfig",
     "EvalConfig",
+    "MixtureSource",
     "GLUE_TASKS",
     "RunConfig",
     "TrackingConfig",

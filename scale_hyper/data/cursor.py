@@ -11,8 +11,9 @@ rules are described in ``scale_hyper.data.loader``'s module docstring.
 
 What a position is: (epoch, the epoch's shard order after ``skip_shards``, the chain of layouts it
 was read with, batches this rank took in the current layout). Everything else is a pure function of
-the seed and the manifest. A weighted mixture of sources would keep one such position per source
-plus the mixture's own step counter; a shuffle buffer is not needed (see ``loader``).
+the seed and the manifest. ``data.shards_per_worker`` and ``data.shuffle_buffer`` belong to the layout
+(they decide which sequences a slot has read); changing them re-splits like a new world size. A
+weighted mixture keeps one such position per source plus its schedule position (``mixture``).
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ def cursor_state(spec: LoaderSpec, num_workers: int, cursor: Cursor) -> Dict[str
         "world_size": spec.world_size,
         "num_workers": num_workers,
         "micro_batch_size": spec.batch,
+        "shards_per_worker": spec.lanes,
+        "shuffle_buffer": spec.buffer,
         "data": spec.fingerprint,
         **vars(cursor),
     }
@@ -58,7 +61,7 @@ def _resplit(state: Dict[str, Any], spec: LoaderSpec, cursor: Cursor) -> Cursor:
     """Continue a cursor saved with another (R, W, B) on this layout, at sample granularity."""
     old = [int(state["world_size"]), max(1, int(state["num_workers"])), int(state["micro_batch_size"])]
     done = cursor.batches_in_epoch
-    chain = [*cursor.resplits, [*old, done]] if done or cursor.resplits else []
+    chain = [*cursor.resplits, [*old, done, *saved_mixing(state)]] if done or cursor.resplits else []
     new = Cursor(cursor.epoch, cursor.skip_shards, 0, cursor.batches, cursor.sequences, chain)
     planner = Planner(spec)
     left = planner.rank_batches(new.epoch, new.skip_shards, new.resplits)
@@ -67,7 +70,17 @@ def _resplit(state: Dict[str, Any], spec: LoaderSpec, cursor: Cursor) -> Cursor:
         "epoch %d continues with the %d batches per rank its unread sequences make (none read twice)",
         *old, spec.world_size, spec.workers, spec.batch, new.epoch, left,
     )  # fmt: skip
+    if tuple(saved_mixing(state)) != spec.mixing:
+        log.warning(
+            "data cursor saved with data.shards_per_worker=%d, data.shuffle_buffer=%d; this run has %d, %d",
+            *saved_mixing(state), *spec.mixing,
+        )  # fmt: skip
     return new
+
+
+def saved_mixing(state: Dict[str, Any]) -> List[int]:
+    """(shards_per_worker, shuffle_buffer) a cursor was read with; cursors from before they existed: (1, 0)."""
+    return [int(state.get("shards_per_worker", 1)), int(state.get("shuffle_buffer", 0))]
 
 
 def resplit_cursor(cursors: Sequence[Optional[Dict[str, Any]]], rank: int, world_size: int) -> Dict[str, Any]:
@@ -104,6 +117,6 @@ def cursor_from_state(state: Dict[str, Any], spec: LoaderSpec) -> Cursor:
     )
     # 0 and 1 workers are the same layout: one logical worker per rank
     old = (int(state["world_size"]), max(1, int(state["num_workers"])), int(state["micro_batch_size"]))
-    if old == (spec.world_size, spec.workers, spec.batch):
+    if old == (spec.world_size, spec.workers, spec.batch) and tuple(saved_mixing(state)) == spec.mixing:
         return cursor
     return _resplit(state, spec, cursor)

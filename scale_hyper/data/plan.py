@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from scale_hyper.data import shards as shardlib
+from scale_hyper.data.interleave import SlotOrder
 
 Segment = Tuple[int, int, int]  # (shard index in the manifest, first row, end row) in permuted rows
 
@@ -45,6 +46,12 @@ class LoaderSpec:
     workers: int  # logical workers per rank (num_workers, at least 1)
     batch: int
     fingerprint: str = ""
+    lanes: int = 1  # data.shards_per_worker: stream parts a slot reads at once (``interleave``)
+    buffer: int = 0  # data.shuffle_buffer: sequences a slot's shuffle window spans; 0 = off
+
+    @property
+    def mixing(self) -> Tuple[int, int]:
+        return (self.lanes, self.buffer)
 
     @property
     def slots(self) -> int:
@@ -85,6 +92,8 @@ def build_spec(
         workers=max(1, int(workers)),
         batch=int(batch),
         fingerprint=data_fingerprint(manifest, split) if shards else "",
+        lanes=max(1, int(getattr(data_cfg, "shards_per_worker", 1))),
+        buffer=max(0, int(getattr(data_cfg, "shuffle_buffer", 0))),
     )
 
 
@@ -151,17 +160,29 @@ def plan_slots(order: Sequence[int], counts: Sequence[int], slots: int) -> Tuple
     return segs, rounds, length
 
 
-Layout = Sequence[int]  # a re-split: (world_size, workers, micro batch, batches each rank had taken)
+# A re-split: (world_size, workers, micro batch, batches each rank had taken, shards_per_worker,
+# shuffle_buffer[, sequences each worker had read instead of batches × micro: a mixture's source]).
+# Entries saved before the last two existed have 4 numbers: one shard at a time, no buffer.
+Layout = Sequence[int]
 
 
-def _drop(segs: Sequence[Segment], n: int) -> List[Segment]:
-    """``segs`` without its first ``n`` sequences."""
+def slot_order(spec: LoaderSpec, epoch: int, slot: int, stage: int, used: int, mixing: Sequence[int]) -> SlotOrder:
+    lanes, buffer = (int(mixing[0]), int(mixing[1])) if len(mixing) >= 2 else (1, 0)
+    return SlotOrder(used, max(1, lanes), buffer // max(1, lanes), (spec.seed, epoch, slot, stage))
+
+
+def _pick(segs: Sequence[Segment], runs: Sequence[Tuple[int, int]]) -> List[Segment]:
+    """The parts of the concatenation of ``segs`` at the stream indices in ``runs`` (sorted, disjoint)."""
+    starts = np.cumsum([0] + [hi - lo for _, lo, hi in segs])
     out: List[Segment] = []
-    for s, lo, hi in segs:
-        take = min(n, hi - lo)
-        n -= take
-        if lo + take < hi:
-            out.append((s, lo + take, hi))
+    for a, b in runs:
+        j = max(0, int(np.searchsorted(starts, a, side="right")) - 1)
+        while a < b and j < len(segs):
+            s, lo, hi = segs[j]
+            end = min(b, int(starts[j + 1]))
+            if a < end:
+                out.append((s, lo + a - int(starts[j]), lo + end - int(starts[j])))
+            a, j = max(a, end), j + 1
     return out
 
 
@@ -193,10 +214,14 @@ def slot_streams(
     order = epoch_order(spec.seed, epoch, len(spec.counts))[skip:]
     first = resplits[0] if resplits else (spec.world_size, spec.workers, 0, 0)
     streams, _, length = plan_slots(order, spec.counts, first[0] * first[1])
-    for i, (_, workers, batch, done) in enumerate(resplits):
+    for i, (_, workers, batch, done, *rest) in enumerate(resplits):
         units: List[Segment] = []
+        used = length // max(1, batch) * batch
         for k, seg in enumerate(streams):  # slot k = rank × W + worker; worker w took batches w, w + W, ...
-            units += _drop(seg, len(range(k % workers, done, workers)) * batch)
+            read = rest[2 + k % workers] if len(rest) > 2 else len(range(k % workers, done, workers)) * batch
+            unread = slot_order(spec, epoch, k, i, used, rest).unread(read)
+            total = sum(hi - lo for _, lo, hi in seg)
+            units += _pick(seg, [*unread, (used, total)] if used < total else unread)
         nxt = resplits[i + 1] if i + 1 < len(resplits) else (spec.world_size, spec.workers, 0, 0)
         streams = _cut(units, nxt[0] * nxt[1])
         length = min(sum(hi - lo for _, lo, hi in seg) for seg in streams)
@@ -208,6 +233,10 @@ class EpochPlan:
     segments: List[List[Segment]]
     seg_starts: List[List[int]]  # cumulative start of each segment in its slot's stream
     batches_per_slot: int
+    orders: List[SlotOrder]  # each slot's read order (k shards at once, the shuffle buffer)
+
+    def __post_init__(self) -> None:
+        self.start_arrays = [np.asarray(s, dtype=np.int64) for s in self.seg_starts]
 
 
 class Planner:
@@ -222,7 +251,9 @@ class Planner:
         if key not in self._cache:
             segs, length = slot_streams(self.spec, epoch, skip, key[2])
             starts = [list(np.cumsum([0] + [hi - lo for _, lo, hi in seg])[:-1]) for seg in segs]
-            self._cache[key] = EpochPlan(segs, starts, length // self.spec.batch)
+            sp, n = self.spec, length // self.spec.batch
+            orders = [slot_order(sp, epoch, k, len(key[2]), n * sp.batch, sp.mixing) for k in range(len(segs))]
+            self._cache[key] = EpochPlan(segs, starts, n, orders)
             while len(self._cache) > 4:
                 self._cache.popitem(last=False)
         return self._cache[key]

@@ -1,45 +1,46 @@
 """`scale-hyper prepare`: corpus → WordPiece tokenizer → packed, shuffled WebDataset shards + manifest.
 
-Steps (all deterministic: the same input and config give byte-identical shards and manifest):
+Prepare is a map over slices of the corpus, in three steps (all deterministic: the same input and
+config give byte-identical shards and manifest, however many tasks made them):
 
-1. Tokenizer: train WordPiece on the corpus' first ``data.tokenizer_train_chars`` characters, or
-   load ``data.tokenizer``. Its real vocabulary must fit ``data.vocab_size``.
-2. Tokenize documents in ``data.prepare_workers`` spawned processes (order preserved, bounded
-   in-flight work so a streamed corpus is never held in memory) and pack them into ``seq_len``
-   sequences (see ``shards``). Document ``i`` goes to validation when ``floor((i+1)·f + u) >
-   floor(i·f + u)`` with ``f = data.val_fraction`` and ``u`` drawn from the seed: exactly the
-   fraction ``f`` of documents, spread evenly, decided while streaming. Packed sequences are spilled
-   to a local temporary file.
-3. Train sequences are shuffled globally (seeded) and cut into ``max(ceil(N / sequences_per_shard),
-   min(min_shards, N))`` shards of equal size (±1), so every shard is a random sample of the corpus
-   and small corpora still give enough shards for several ranks × workers. Validation keeps corpus
-   order.
-4. The tokenizer directory, then ``manifest.json`` (last: its presence means "complete").
+1. Plan (once): cut the corpus into slices (``sources.plan_slices``: byte ranges of
+   ``data.slice_bytes`` of text files, parquet row groups, whole compressed/remote files, shards of
+   an ``hf:`` dataset, or blocks of ``data.slice_documents`` documents of a stream), train
+   WordPiece on the corpus' first ``data.tokenizer_train_chars`` characters (or load
+   ``data.tokenizer``; its vocabulary must fit ``data.vocab_size``), write ``tokenizer/`` and
+   ``slices/plan.json``.
+2. Slices: task ``I`` of ``N`` takes slices ``I, I+N, I+2N, …``; each task runs them in
+   ``data.prepare_workers`` local processes. A slice writes its shards, then its partial manifest
+   (``slices.py``). A finished slice is skipped, so an interrupted prepare resumes.
+3. Merge: when every slice is finished, ``manifest.json`` (written last: its presence means
+   "complete"). The task that finishes last merges; ``--merge`` does it on its own.
 
-``ensure_prepared`` reuses a directory whose manifest matches the config and refuses one that
-contradicts it. The seed only decides the split and the shuffle; a manifest prepared with another
-seed is reused (with a note in the log) rather than rebuilt.
+``scale-hyper prepare CONFIG`` does all three in one process tree (``ensure_prepared``, also what
+``train`` calls). ``--task I --tasks N`` (or SLURM_ARRAY_TASK_ID/…_COUNT of a job array, or
+SLURM_PROCID/SLURM_STEP_NUM_TASKS of an ``srun`` step) runs one task: task 0 makes the plan if there is
+none, the others wait for it. ``--plan`` and ``--merge`` run steps 1 and 3 alone.
+
+There is no global shuffle: training sequences are shuffled within their slice; the loader mixes
+shards. ``ensure_prepared`` reuses a directory whose manifest matches the config and refuses one
+that contradicts it. The seed only decides the split and the shuffle; a manifest prepared with
+another seed is reused (with a note in the log) rather than rebuilt.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import multiprocessing as mp
 import os
-import shutil
 import sys
-import tempfile
-from collections import deque
-from concurrent.futures import ProcessPoolExecutor
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Tuple
+import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, as_completed, wait
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
-import numpy as np
-
+from scale_hyper.data import merge as mergelib
 from scale_hyper.data import shards as shardlib
+from scale_hyper.data import slices as slicelib
 from scale_hyper.data import sources, storage
-from scale_hyper.data import tokenizer as toklib
-from scale_hyper.data.progress import Progress
+from scale_hyper.data.slices import PrepareError
 
 log = logging.getLogger("scale_hyper.data")
 
@@ -59,8 +60,11 @@ PREPARE_KEYS = (
     "sequences_per_shard",
     "min_shards",
     "val_fraction",
+    "slice_bytes",
+    "slice_documents",
 )
-_CHUNK_CHARS = 256_000  # text per tokenizer task: large enough to amortise IPC, small enough to stream
+STOP_AFTER_ENV = "SCALE_HYPER_PREPARE_STOP_AFTER"  # tests: a task exits (code 3) after N slices, as if killed
+PLAN_WAIT_S = float(os.environ.get("SCALE_HYPER_PREPARE_PLAN_WAIT", 6 * 3600))
 
 
 def prepare_config(data_cfg) -> Dict[str, Any]:
@@ -69,17 +73,17 @@ def prepare_config(data_cfg) -> Dict[str, Any]:
 
 def _validate(data_cfg) -> None:
     if data_cfg.seq_len < 4:
-        raise ValueError(f"data.seq_len={data_cfg.seq_len} is too short (at least 4)")
+        raise PrepareError(f"data.seq_len={data_cfg.seq_len} is too short (at least 4)")
     if data_cfg.vocab_size < 16:
-        raise ValueError(f"data.vocab_size={data_cfg.vocab_size} is too small")
+        raise PrepareError(f"data.vocab_size={data_cfg.vocab_size} is too small")
     if data_cfg.sequences_per_block < 1 or data_cfg.sequences_per_shard < 1 or data_cfg.min_shards < 1:
-        raise ValueError("data.sequences_per_block, data.sequences_per_shard and data.min_shards must be >= 1")
+        raise PrepareError("data.sequences_per_block, data.sequences_per_shard and data.min_shards must be >= 1")
     if not 0.0 <= data_cfg.val_fraction < 1.0:
-        raise ValueError(f"data.val_fraction={data_cfg.val_fraction} must be in [0, 1)")
+        raise PrepareError(f"data.val_fraction={data_cfg.val_fraction} must be in [0, 1)")
 
 
 def ensure_prepared(data_cfg, seed: int = 1234) -> Dict[str, Any]:
-    """The manifest of ``data.output``, preparing it first if needed (call on one rank only).
+    """The manifest of ``data.output``, preparing (or finishing) it first if needed (call on one rank only).
 
     Raises ValueError naming the conflicting keys when ``data.output`` holds data prepared with a
     different configuration.
@@ -89,7 +93,7 @@ def ensure_prepared(data_cfg, seed: int = 1234) -> Dict[str, Any]:
     existing = shardlib.load_manifest(data_cfg.output, data_cfg.allow_pipe)
     if existing is None:
         return prepare(data_cfg, seed)
-    _check_matches(existing, data_cfg)
+    _check_matches(existing.get("config", {}), existing.get("source", {}), data_cfg, "")
     if existing.get("seed") != seed:
         log.info(
             "reusing %s (split and shuffled with seed %s; this run's seed %s only affects the loader)",
@@ -105,26 +109,26 @@ def ensure_prepared(data_cfg, seed: int = 1234) -> Dict[str, Any]:
             if not os.path.exists(storage.join(data_cfg.output, s["name"]))
         ]
         if missing:
-            raise ValueError(
+            raise PrepareError(
                 f"data.output={data_cfg.output!r} is incomplete: {len(missing)} shard(s) listed in its manifest "
                 f"are missing (e.g. {missing[0]}); delete {data_cfg.output} to re-prepare"
             )
     return existing
 
 
-def _check_matches(manifest: Dict[str, Any], data_cfg) -> None:
-    have = manifest.get("config", {})
+def _check_matches(have: Dict[str, Any], have_source: Dict[str, Any], data_cfg, what: str) -> None:
     want = prepare_config(data_cfg)
-    diffs = [k for k in PREPARE_KEYS if have.get(k) != want[k]]
+    # keys an older prepare did not record (slice_*) cannot contradict: its data is still valid
+    diffs = [k for k in PREPARE_KEYS if k in have and have.get(k) != want[k]]
     if not diffs and data_cfg.source != "stdlib" and not data_cfg.source.startswith("hf:"):
         # the same file names but other content: sizes are recorded, compare them
-        if manifest.get("source", {}).get("files") != sources.describe(data_cfg).get("files"):
+        if have_source.get("files") != sources.describe(data_cfg).get("files"):
             diffs = ["source"]
             have = dict(have, source=f"{have.get('source')} (files of other sizes)")
     if diffs:
         parts = ", ".join(f"data.{k}={have.get(k)!r} there but {want[k]!r} here" for k in diffs)
-        raise ValueError(
-            f"data.output={data_cfg.output!r} already holds data prepared differently: {parts}. "
+        raise PrepareError(
+            f"data.output={data_cfg.output!r} already holds {what or 'data'} prepared differently: {parts}. "
             f"Choose another data.output (e.g. data/{_suggest_name(data_cfg)}) or delete {data_cfg.output} "
             "to re-prepare it"
         )
@@ -135,193 +139,174 @@ def _suggest_name(data_cfg) -> str:
     return f"{src}-v{data_cfg.vocab_size}-s{data_cfg.seq_len}"
 
 
-# --- the pipeline -------------------------------------------------------------------------------
+# --- the steps ----------------------------------------------------------------------------------
 
 
-def _training_texts(data_cfg) -> Callable[[], Iterator[str]]:
-    cap = data_cfg.tokenizer_train_chars
+def get_plan(data_cfg, seed: int, create: bool, wait: bool = True) -> Dict[str, Any]:
+    """The plan of ``data.output``: read it, or make it (``create``), or wait for task 0 to make it."""
+    url = storage.join(data_cfg.output, slicelib.PLAN)
+    waited = 0.0
+    while True:
+        raw = storage.read_optional(url, data_cfg.allow_pipe)
+        if raw is not None:
+            import json
 
-    def texts() -> Iterator[str]:
-        used = 0
-        for doc in sources.iter_documents(data_cfg):
-            yield doc
-            used += len(doc)
-            if cap and used >= cap:
-                return
-
-    return texts
-
-
-def _chunks(docs: Iterable[str]) -> Iterator[List[str]]:
-    chunk: List[str] = []
-    size = 0
-    for d in docs:
-        chunk.append(d)
-        size += len(d)
-        if size >= _CHUNK_CHARS:
-            yield chunk
-            chunk, size = [], 0
-    if chunk:
-        yield chunk
-
-
-def _encoded(data_cfg, tok) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
-    """(ids, lengths) per chunk of documents, in corpus order."""
-    chunks = _chunks(sources.iter_documents(data_cfg))
-    workers = int(data_cfg.prepare_workers)
-    main_file = getattr(sys.modules.get("__main__"), "__file__", None)
-    if workers > 1 and "fork" not in mp.get_all_start_methods() and main_file and not os.path.exists(main_file):
-        # spawn re-imports __main__ by path; a script read from stdin has none
-        log.info("tokenizing in-process: the main script (%s) cannot be re-imported by worker processes", main_file)
-        workers = 1
-    if workers <= 1:
-        for c in chunks:
-            yield toklib.encode_with(tok, c)
-        return
-    # fork where possible: a spawned worker would re-import the scale_hyper package (torch,
-    # transformers: seconds each); the workers only run tokenizers on plain strings.
-    # An executor (not Pool) so that a crashed worker raises instead of being respawned forever.
-    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-    env_was = os.environ.get("TOKENIZERS_PARALLELISM")
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core; silences the fork warning
-    try:
-        with ProcessPoolExecutor(
-            workers, mp_context=ctx, initializer=toklib.init_worker, initargs=(tok.to_str(),)
-        ) as pool:
-            pending: deque = deque()
-            for c in chunks:
-                pending.append(pool.submit(toklib.encode_chunk, c))
-                if len(pending) >= 2 * workers:  # back-pressure: never read the corpus far ahead
-                    yield pending.popleft().result()
-            while pending:
-                yield pending.popleft().result()
-    finally:
-        if env_was is None:
-            os.environ.pop("TOKENIZERS_PARALLELISM", None)
-        else:
-            os.environ["TOKENIZERS_PARALLELISM"] = env_was
+            plan = json.loads(raw)
+            _check_matches(plan.get("config", {}), plan.get("source", {}), data_cfg, "a prepare plan")
+            if plan.get("seed") != seed:
+                log.info("%s was planned with seed %s: it is kept (this run's seed: %s)", url, plan.get("seed"), seed)
+            return plan
+        if create:
+            plan = slicelib.make_plan(data_cfg, prepare_config(data_cfg), seed)
+            storage.write_bytes(url, slicelib.canonical(plan), data_cfg.allow_pipe)
+            log.info("planned %d slices of %s in %s", len(plan["slices"]), data_cfg.source, url)
+            return plan
+        if not wait:
+            raise PrepareError(f"no {url}: nothing was prepared there yet — run `scale-hyper prepare CONFIG` first")
+        if waited == 0:
+            log.info("waiting for task 0 to write %s (tokenizer and slice list)", url)
+        if waited >= PLAN_WAIT_S:
+            raise PrepareError(
+                f"no {url} after {waited:.0f} s — run `scale-hyper prepare CONFIG --plan` (or task 0) first"
+            )
+        time.sleep(5.0)
+        waited += 5.0
 
 
-def _val_phase(seed: int) -> float:
-    return ((seed * 2654435761) % (1 << 32)) / float(1 << 32)
+def prepare(data_cfg, seed: int = 1234, task: int = 0, tasks: int = 1) -> Dict[str, Any]:
+    """Plan (if needed), run this task's unfinished slices, and merge when all are done.
 
-
-def prepare(data_cfg, seed: int = 1234) -> Dict[str, Any]:
-    """Build ``data.output`` from scratch (overwriting any shards there) and return its manifest."""
+    Returns the manifest, or ``{}`` when other tasks' slices are still missing (they merge).
+    """
     _validate(data_cfg)
-    out = data_cfg.output
-    allow_pipe = data_cfg.allow_pipe
-    storage.check_pipe(out, allow_pipe)
-
-    if data_cfg.tokenizer:
-        tok = toklib.load_tokenizer_dir(data_cfg.tokenizer)
-    else:
-        log.info("training a WordPiece vocabulary of %d on %s", data_cfg.vocab_size, data_cfg.source)
-        tok = toklib.train_wordpiece(list(_training_texts(data_cfg)()), data_cfg.vocab_size)
-    vocab = tok.get_vocab_size()
-    if vocab > data_cfg.vocab_size:
-        raise ValueError(
-            f"data.tokenizer has {vocab} tokens > data.vocab_size={data_cfg.vocab_size}; "
-            f"set data.vocab_size={vocab} (and a model.vocab_size at least as large)"
+    storage.check_pipe(data_cfg.output, data_cfg.allow_pipe)
+    plan = get_plan(data_cfg, seed, create=task == 0)
+    run_task(data_cfg, plan, task, tasks)
+    missing = mergelib.missing_slices(data_cfg, plan)
+    if missing and tasks > 1:
+        log.info(
+            "task %d/%d done; %d slice(s) of other tasks still missing: the last task merges", task, tasks, len(missing)
         )
-    special = toklib.special_ids(tok)
-    dtype = toklib.token_dtype(vocab)
-    seq_len = data_cfg.seq_len
+        return {}
+    return mergelib.merge(data_cfg, plan)
 
-    tmp = (
-        os.path.join(storage.local_path(out), ".prepare-tmp")
-        if storage.is_local(out)
-        else tempfile.mkdtemp(prefix="scale-hyper-prepare-")
-    )
-    os.makedirs(tmp, exist_ok=True)
+
+def merge_only(data_cfg, seed: int = 1234) -> Dict[str, Any]:
+    """The last step alone (``--merge``): the existing manifest, or one merged from finished slices."""
+    existing = shardlib.load_manifest(data_cfg.output, data_cfg.allow_pipe)
+    return existing or mergelib.merge(data_cfg, get_plan(data_cfg, seed, create=False, wait=False))
+
+
+def _todo(data_cfg, plan: Dict[str, Any], task: int, tasks: int) -> List[int]:
+    todo = []
+    for sl in plan["slices"][task::tasks]:
+        partial = slicelib.read_partial(data_cfg, sl["id"])
+        if partial is not None:
+            try:
+                mergelib.check_partial(data_cfg, plan, sl["id"], partial)
+                continue  # finished earlier: resume past it
+            except PrepareError as err:
+                log.info("redoing slice %d: %s", sl["id"], err)  # stale: overwritten below
+        todo.append(sl["id"])
+    return todo
+
+
+def run_task(data_cfg, plan: Dict[str, Any], task: int, tasks: int) -> int:
+    """Run the unfinished slices of task ``task`` of ``tasks``; returns how many were run."""
+    todo = _todo(data_cfg, plan, task, tasks)
+    stop_after = int(os.environ.get(STOP_AFTER_ENV, "0") or 0)
+    if not todo:
+        return 0
+    log.info("task %d/%d: %d slice(s) to do of %d", task, tasks, len(todo), len(plan["slices"]))
+    workers = min(max(1, int(data_cfg.prepare_workers)), len(todo))
+    start, done, tokens = time.monotonic(), 0, 0
+    for slice_id, n_tokens in _map_slices(data_cfg, plan, todo, workers):
+        done += 1
+        tokens += n_tokens
+        rate = tokens / max(time.monotonic() - start, 1e-9)
+        log.info("slice %d done (%d/%d of this task; %.0fk tokens/s)", slice_id, done, len(todo), rate / 1e3)
+        if stop_after and done >= stop_after and done < len(todo):
+            log.info("%s=%d: stopping this task as if it were killed", STOP_AFTER_ENV, stop_after)
+            raise SystemExit(3)
+    return done
+
+
+def _map_slices(data_cfg, plan, todo: List[int], workers: int):
+    """(slice id, tokens) per finished slice. Slices of files are read by the worker that runs them;
+    blocks of a stream (kind "docs") are read here in one pass and handed out, so that no slice
+    re-reads the stream up to its start."""
+    stream = plan["slices"][0]["kind"] == "docs"
+    jobs = _stream_jobs(data_cfg, plan, todo) if stream else ((s, None) for s in todo)
+    if workers <= 1 or not _can_fork_workers():
+        _init_worker(data_cfg, plan)
+        for slice_id, docs in jobs:
+            yield _slice_job(slice_id, docs)
+        return
+    # fork: a spawned worker would re-import the package (seconds); workers only run tokenizers and I/O.
+    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(data_cfg, plan))
     try:
-        spills = {split: os.path.join(tmp, f"{split}.bin") for split in ("train", "val")}
-        with open(spills["train"], "wb") as ft, open(spills["val"], "wb") as fv:
-            packers = {
-                "train": shardlib.Packer(ft, seq_len, special["cls"], special["sep"], special["pad"], dtype),
-                "val": shardlib.Packer(fv, seq_len, special["cls"], special["sep"], special["pad"], dtype),
-            }
-            _tokenize_and_pack(data_cfg, tok, packers, seed)
-        n_train = packers["train"].sequences
-        if n_train == 0:
-            raise ValueError(f"data.source={data_cfg.source!r} produced no training sequences")
-        splits = {
-            "train": _write_split(data_cfg, spills["train"], packers["train"], "train", dtype, special["pad"], seed),
-            "val": _write_split(data_cfg, spills["val"], packers["val"], "val", dtype, special["pad"], None),
-        }
+        pending: set = set()
+        for slice_id, docs in jobs:
+            pending.add(pool.submit(_slice_job, slice_id, docs))
+            if len(pending) >= 2 * workers:  # back-pressure: a stream is never read far ahead
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                yield from (f.result() for f in done)
+        for f in as_completed(pending):
+            yield f.result()
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-    files = toklib.tokenizer_files(tok, model_max_length=seq_len)
-    for name, data in files.items():
-        storage.write_bytes(storage.join(out, f"{toklib.TOKENIZER_DIR}/{name}"), data, allow_pipe)
-    manifest = shardlib.make_manifest(
-        config=prepare_config(data_cfg),
-        source=sources.describe(data_cfg),
-        seed=seed,
-        seq_len=seq_len,
-        vocab_size=vocab,
-        dtype=dtype,
-        special=special,
-        tokenizer={"path": toklib.TOKENIZER_DIR, "sha256": toklib.file_hash(files), "vocab_size": vocab},
-        sequences_per_block=data_cfg.sequences_per_block,
-        splits=splits,
-        documents={k: p.documents for k, p in packers.items()},
-    )
-    storage.write_bytes(storage.join(out, shardlib.MANIFEST), shardlib.manifest_bytes(manifest), allow_pipe)
-    return shardlib.load_manifest(out, allow_pipe)  # type: ignore[return-value]
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _tokenize_and_pack(data_cfg, tok, packers: Dict[str, shardlib.Packer], seed: int) -> None:
-    frac, phase = float(data_cfg.val_fraction), _val_phase(seed)
-    progress = Progress(f"prepare {data_cfg.source}")
-    doc_index = 0
-    for ids, lengths in _encoded(data_cfg, tok):
-        offsets = np.concatenate([[0], np.cumsum(lengths)])
-        batch: Dict[str, List[np.ndarray]] = {"train": [], "val": []}
-        for j in range(len(lengths)):
-            i = doc_index + j
-            is_val = frac > 0 and math.floor((i + 1) * frac + phase) > math.floor(i * frac + phase)
-            if lengths[j]:
-                batch["val" if is_val else "train"].append(ids[offsets[j] : offsets[j + 1]])
-        doc_index += len(lengths)
-        for split, docs in batch.items():
-            packers[split].add(docs)
-        progress.update(len(lengths), int(lengths.sum()))
-    for p in packers.values():
-        p.finish()
-    progress.close()
+def _stream_jobs(data_cfg, plan, todo: List[int]) -> Iterator[Tuple[int, List[str]]]:
+    wanted = {plan["slices"][i]["start"]: i for i in todo}
+    step = data_cfg.slice_documents
+    docs: List[str] = []
+    for i, doc in enumerate(sources.iter_documents(data_cfg)):
+        if i - i % step in wanted:
+            docs.append(doc)
+        if (i + 1) % step == 0 and docs:
+            yield wanted[i + 1 - step], docs
+            docs = []
+    if docs:
+        last = max(wanted)
+        yield wanted[last], docs
 
 
-def _write_split(
-    data_cfg, spill: str, packer: shardlib.Packer, split: str, dtype: str, pad_id: int, shuffle_seed
-) -> Dict[str, Any]:
-    n = packer.sequences
-    if n == 0:
-        return {"sequences": 0, "tokens": 0, "shards": []}
-    n_shards = math.ceil(n / data_cfg.sequences_per_shard)
-    if split == "train":
-        n_shards = max(n_shards, min(data_cfg.min_shards, n))
-    rows_all = np.memmap(spill, dtype=dtype, mode="r", shape=(n, data_cfg.seq_len))
-    order = (
-        np.random.default_rng([shuffle_seed & 0xFFFFFFFF, 0x5AD]).permutation(n) if shuffle_seed is not None else None
-    )
-    entries, start = [], 0
-    for index, size in enumerate(shardlib.even_sizes(n, n_shards)):
-        if order is None:
-            rows = np.asarray(rows_all[start : start + size])
-        else:
-            rows = rows_all[np.sort(order[start : start + size])]  # sorted: sequential reads of the spill
-        start += size
-        url = storage.join(data_cfg.output, shardlib.shard_name(split, index))
-        entries.append(
-            shardlib.write_shard(url, rows, split, index, data_cfg.sequences_per_block, pad_id, data_cfg.allow_pipe)
-        )
-    del rows_all
-    return {"sequences": n, "tokens": sum(e["tokens"] for e in entries), "shards": entries}
+def _can_fork_workers() -> bool:
+    main_file = getattr(sys.modules.get("__main__"), "__file__", None)
+    # spawn re-imports __main__ by path; a script read from stdin has none
+    return "fork" in mp.get_all_start_methods() or not main_file or os.path.exists(main_file)
+
+
+_WORKER: Dict[str, Any] = {}
+
+
+def _init_worker(data_cfg, plan) -> None:
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core already
+    _WORKER.update(cfg=data_cfg, plan=plan, tok=slicelib.load_tokenizer_of(data_cfg, plan))
+
+
+def _slice_job(slice_id: int, docs: Optional[List[str]] = None) -> Tuple[int, int]:
+    partial = slicelib.run_slice(_WORKER["cfg"], _WORKER["plan"], _WORKER["tok"], slice_id, docs)
+    return slice_id, sum(partial["splits"][k]["tokens"] for k in ("train", "val"))
 
 
 # --- CLI ----------------------------------------------------------------------------------------
+
+
+def task_from_env(task: Optional[int], tasks: Optional[int]) -> Tuple[int, int]:
+    """``--task/--tasks``, else a SLURM job array's, else an srun step's task index and count."""
+    if tasks is not None:
+        return (task or 0), tasks
+    env = os.environ
+    if env.get("SLURM_ARRAY_TASK_ID") and env.get("SLURM_ARRAY_TASK_COUNT"):
+        first = int(env.get("SLURM_ARRAY_TASK_MIN", "0"))
+        return int(env["SLURM_ARRAY_TASK_ID"]) - first, int(env["SLURM_ARRAY_TASK_COUNT"])
+    # an srun step's tasks (SLURM_STEP_NUM_TASKS is unset in the batch script itself, which is one task)
+    if int(env.get("SLURM_STEP_NUM_TASKS", "1") or 1) > 1 and env.get("SLURM_PROCID"):
+        return int(env["SLURM_PROCID"]), int(env["SLURM_STEP_NUM_TASKS"])
+    return 0, 1
 
 
 def summary(manifest: Dict[str, Any]) -> str:
@@ -335,14 +320,32 @@ def summary(manifest: Dict[str, Any]) -> str:
     )
 
 
-def main(cfg) -> int:
-    """``scale-hyper prepare``: make sure ``cfg.data.output`` holds prepared data; print a summary."""
+def main(cfg, task: Optional[int] = None, tasks: Optional[int] = None, step: str = "all") -> int:
+    """``scale-hyper prepare [--task I --tasks N] [--plan | --merge]``; prints a summary."""
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
+    data, seed = cfg.data, cfg.train.seed
+    i, n = task_from_env(task, tasks)
+    if not 0 <= i < n:
+        raise PrepareError(f"--task {i} is not in [0, --tasks {n}) — tasks are numbered from 0")
     try:
-        manifest = ensure_prepared(cfg.data, seed=cfg.train.seed)
-    except ValueError as err:
-        print(f"scale-hyper prepare: error: {err}", file=sys.stderr)
-        return 2
-    print(f"prepared {summary(manifest)}")
+        if step == "plan":
+            _validate(data)
+            plan = get_plan(data, seed, create=True)
+            print(f"planned {len(plan['slices'])} slices in {storage.join(data.output, slicelib.PLAN)}")
+            return 0
+        if step == "merge":
+            manifest = merge_only(data, seed)
+        elif n == 1 or shardlib.load_manifest(data.output, data.allow_pipe) is not None:
+            manifest = ensure_prepared(data, seed=seed)
+        else:
+            manifest = prepare(data, seed, task=i, tasks=n)
+    except ValueError as err:  # bad input from any part of prepare: one line, exit 2, nothing marked complete
+        from scale_hyper.config import errors
+
+        return errors.report(err)
+    if manifest:
+        print(f"prepared {summary(manifest)}")
+    else:
+        print(f"task {i}/{n}: its slices are done; the last task to finish writes the manifest")
     return 0

@@ -32,7 +32,8 @@ from scale_hyper.data import storage
 FORMAT = "scale-hyper-mlm-shards"
 VERSION = 1
 MANIFEST = "manifest.json"
-_SHARD_NAME = re.compile(r"^(train|val)-[0-9]{6}\.tar$")
+# train-000003.tar (one-pass prepare) or train-000012-0003.tar (shard 3 of slice 12)
+_SHARD_NAME = re.compile(r"^(train|val)-[0-9]{6,}(-[0-9]{4,})?\.tar$")
 
 
 class CorruptShardError(ValueError):
@@ -83,8 +84,12 @@ class Packer:
             self.carry = self.carry[:0]
 
 
-def shard_name(split: str, index: int) -> str:
-    return f"{split}-{index:06d}.tar"
+def shard_name(split: str, index: int, slice_id: Optional[int] = None) -> str:
+    return f"{shard_stem(split, index, slice_id)}.tar"
+
+
+def shard_stem(split: str, index: int, slice_id: Optional[int] = None) -> str:
+    return f"{split}-{index:06d}" if slice_id is None else f"{split}-{slice_id:06d}-{index:04d}"
 
 
 def npy_bytes(block: np.ndarray) -> bytes:
@@ -94,7 +99,14 @@ def npy_bytes(block: np.ndarray) -> bytes:
 
 
 def write_shard(
-    url: str, rows: np.ndarray, split: str, index: int, sequences_per_block: int, pad_id: int, allow_pipe: bool = False
+    url: str,
+    rows: np.ndarray,
+    split: str,
+    index: int,
+    sequences_per_block: int,
+    pad_id: int,
+    allow_pipe: bool = False,
+    slice_id: Optional[int] = None,
 ) -> Dict[str, Any]:
     """Write one shard; returns its manifest entry (name, sequences, tokens, bytes, sha256)."""
     from webdataset import TarWriter
@@ -105,9 +117,9 @@ def write_shard(
         with TarWriter(hw, encoder=False, mtime=0, user="scale-hyper", group="scale-hyper", mode=0o444) as tw:
             for b, start in enumerate(range(0, len(rows), sequences_per_block)):
                 block = rows[start : start + sequences_per_block]
-                tw.write({"__key__": f"{split}-{index:06d}-{b:06d}", "npy": npy_bytes(block)})
+                tw.write({"__key__": f"{shard_stem(split, index, slice_id)}-{b:06d}", "npy": npy_bytes(block)})
     return {
-        "name": shard_name(split, index),
+        "name": shard_name(split, index, slice_id),
         "sequences": int(len(rows)),
         "tokens": int(np.count_nonzero(rows != pad_id)),
         "bytes": hw.size,
@@ -157,6 +169,8 @@ def read_shard(
                     blocks.append(arr)
     except CorruptShardError as err:
         raise CorruptShardError(f"shard {name}: {err}") from None
+    except storage.RemoteStorageError:
+        raise  # the store, not the shard, failed (after retries): never skipped as corrupt; names the URL
     except (tarfile.TarError, OSError, EOFError, ValueError) as err:
         raise CorruptShardError(f"shard {name} is unreadable ({type(err).__name__}: {err})") from None
     rows = np.concatenate(blocks) if blocks else np.empty((0, seq_len), dtype=want)

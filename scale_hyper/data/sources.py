@@ -4,9 +4,8 @@
   own documentation (``pydoc_data.topics``, one document per topic, sorted by name), then the
   docstrings of standard-library modules, one document per module (files sorted by path). Docstrings
   are read with ``ast`` from the source files, so no module is imported or executed.
-- a local file, directory, glob, or a comma-separated list of them: ``.txt`` (documents separated
-  by blank lines), ``.jsonl`` (one JSON object per line, text in ``data.text_field``), each
-  optionally gzipped (``.gz``).
+- a local file, directory, glob, URL, or a comma-separated list of them: ``.txt``, ``.jsonl``
+  (``.gz``/``.zst`` compressed too) and ``.parquet``, read by ``formats``.
 - ``hf:NAME``: a Hugging Face ``datasets`` dataset in streaming mode (``data.hf_config``,
   ``data.hf_split``, ``data.hf_data_files``), e.g. ``hf:Salesforce/wikitext`` with
   ``data.hf_config=wikitext-103-raw-v1``, or ``hf:json`` with ``data.hf_data_files=corpus.jsonl``.
@@ -18,20 +17,18 @@ from __future__ import annotations
 
 import ast
 import glob
-import gzip
-import io
 import itertools
-import json
 import os
 import sys
 import sysconfig
 from functools import lru_cache
 from typing import Any, Callable, Dict, Iterator, List
 
+from scale_hyper.data import formats
+
 # stdlib parts whose docstrings are tests, vendored code or GUI demos, not documentation.
 _SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__", "turtledemo"}
 _MAX_SOURCE_BYTES = 2_000_000  # a few generated files are huge and hold no prose
-_MAX_TXT_DOC_CHARS = 1_000_000  # a .txt without blank lines is still cut into bounded documents
 
 
 def iter_documents(cfg) -> Iterator[str]:
@@ -48,7 +45,7 @@ def _raw_documents(cfg) -> Iterator[str]:
         return iter(_stdlib_documents())
     if source.startswith("hf:"):
         return _hf_documents(cfg)
-    return _file_documents(local_files(source), cfg.text_field)
+    return _file_documents(local_files(source), cfg)
 
 
 def describe(cfg) -> Dict[str, Any]:
@@ -61,7 +58,8 @@ def describe(cfg) -> Dict[str, Any]:
             hf_config=cfg.hf_config, hf_split=cfg.hf_split, hf_data_files=cfg.hf_data_files, text_field=cfg.text_field
         )
     else:
-        out["files"] = [[os.path.basename(p), os.path.getsize(p)] for p in local_files(cfg.source)]
+        files = local_files(cfg.source)
+        out["files"] = [[p, None] if formats.is_remote(p) else [os.path.basename(p), os.path.getsize(p)] for p in files]
         out["text_field"] = cfg.text_field
     return out
 
@@ -160,98 +158,101 @@ def _statements(node: ast.AST) -> Iterator[ast.stmt]:
                 yield from _statements(child)
 
 
-# --- local files --------------------------------------------------------------------------------
-
-_SUFFIXES = (".txt", ".jsonl", ".txt.gz", ".jsonl.gz")
+# --- files and slices ---------------------------------------------------------------------------
 
 
 def local_files(source: str) -> List[str]:
-    """Expand a file, directory, glob or comma-separated list into a sorted list of files."""
+    """Expand a file, directory, glob, URL or comma-separated list into a list of files (sorted per part)."""
     files: List[str] = []
     for part in [p.strip() for p in source.split(",") if p.strip()]:
-        part = os.path.expanduser(part)
-        if os.path.isdir(part):
-            found = [os.path.join(dp, f) for dp, _, fs in os.walk(part) for f in fs if f.endswith(_SUFFIXES)]
-        elif any(c in part for c in "*?["):
-            found = glob.glob(part, recursive=True)
-        elif os.path.isfile(part):
-            found = [part]
+        if formats.is_remote(part):
+            found = [part]  # a URL is taken as named: remote stores cannot be globbed here
         else:
-            raise ValueError(
-                f"data.source={source!r}: {part!r} is not 'stdlib', 'hf:NAME', a file, a directory or a glob"
-            )
+            part = os.path.expanduser(part)
+            if os.path.isdir(part):
+                found = [os.path.join(dp, f) for dp, _, fs in os.walk(part) for f in fs if f.endswith(formats.SUFFIXES)]
+            elif any(c in part for c in "*?["):
+                found = glob.glob(part, recursive=True)
+            elif os.path.isfile(part):
+                found = [part]
+            else:
+                raise ValueError(
+                    f"data.source={source!r}: {part!r} is not 'stdlib', 'hf:NAME', a file, a URL, a directory or a glob"
+                )
         files.extend(sorted(found))
     if not files:
-        raise ValueError(f"data.source={source!r} matches no files (expected {', '.join(_SUFFIXES)})")
+        raise ValueError(
+            f"data.source={source!r} matches no files — check the path or glob; accepted files end in "
+            f"{', '.join(formats.SUFFIXES)}"
+        )
     return files
 
 
-def _open_text(path: str) -> io.TextIOBase:
-    if path.endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8", errors="replace")
-    return open(path, encoding="utf-8", errors="replace")
+def plan_slices(cfg) -> List[Dict[str, Any]]:
+    """The corpus cut into slices (see prepare.py), each with its ``id``; fixed by the corpus alone.
+
+    Files are cut by ``formats.file_slices``; a stream that cannot be entered in the middle (stdlib,
+    a one-shard ``hf:`` dataset, or any source with ``data.max_documents``) is read once here to
+    count its documents and cut into blocks of ``data.slice_documents``.
+    """
+    if cfg.source.startswith("hf:") and not cfg.max_documents:
+        n = _hf_dataset(cfg).num_shards
+        if n > 1:
+            return [{"id": k, "kind": "hf_shard", "shard": k, "of": n} for k in range(n)]
+    if cfg.source == "stdlib" or cfg.source.startswith("hf:") or cfg.max_documents:
+        total = sum(1 for _ in iter_documents(cfg))
+        if total == 0:
+            raise ValueError(f"data.source={cfg.source!r} has no documents (all blank?); check data.source")
+        step = cfg.slice_documents
+        starts = range(0, max(total, 1), step)
+        return [{"id": k, "kind": "docs", "start": a, "end": min(total, a + step)} for k, a in enumerate(starts)]
+    out: List[Dict[str, Any]] = []
+    for path in local_files(cfg.source):
+        for sl in formats.file_slices(path, cfg.text_field, cfg.slice_bytes):
+            out.append({"id": len(out), **sl})
+    return out
 
 
-def _file_documents(files: List[str], text_field: str) -> Iterator[str]:
+def slice_documents(cfg, sl: Dict[str, Any]) -> Iterator[str]:
+    """The non-blank documents of one slice of ``plan_slices``."""
+    if sl["kind"] == "docs":
+        docs: Iterator[str] = itertools.islice(iter_documents(cfg), sl["start"], sl["end"])
+    elif sl["kind"] == "hf_shard":
+        docs = _hf_rows(cfg, _hf_dataset(cfg).shard(num_shards=sl["of"], index=sl["shard"]))
+    else:
+        docs = formats.slice_documents(sl, cfg.text_field)
+    return (d for d in docs if d and not d.isspace())
+
+
+def _file_documents(files: List[str], cfg) -> Iterator[str]:
     for path in files:
-        name = path[:-3] if path.endswith(".gz") else path
-        if name.endswith(".jsonl") or name.endswith(".json"):
-            yield from _jsonl_documents(path, text_field)
-        else:
-            yield from _txt_documents(path)
-
-
-def _jsonl_documents(path: str, text_field: str) -> Iterator[str]:
-    with _open_text(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{lineno}: not JSON ({err.msg})") from None
-            if not isinstance(row, dict) or text_field not in row:
-                keys = sorted(row) if isinstance(row, dict) else type(row).__name__
-                raise ValueError(f"{path}:{lineno}: no field data.text_field={text_field!r} (found {keys})")
-            text = row[text_field]
-            if isinstance(text, str):
-                yield text
-
-
-def _txt_documents(path: str) -> Iterator[str]:
-    """Blank-line-separated paragraphs are documents (very long ones are cut at a line)."""
-    lines: List[str] = []
-    size = 0
-    with _open_text(path) as f:
-        for line in f:
-            if line.strip():
-                lines.append(line)
-                size += len(line)
-                if size < _MAX_TXT_DOC_CHARS:
-                    continue
-            if lines:
-                yield "".join(lines).strip()
-                lines, size = [], 0
-    if lines:
-        yield "".join(lines).strip()
+        for sl in formats.file_slices(path, cfg.text_field, cfg.slice_bytes):
+            yield from formats.slice_documents(sl, cfg.text_field)
 
 
 # --- Hugging Face datasets ----------------------------------------------------------------------
 
 
-def _hf_documents(cfg) -> Iterator[str]:
+def _hf_dataset(cfg):
     import datasets
 
     name = cfg.source[len("hf:") :]
     kwargs: Dict[str, Any] = {"split": cfg.hf_split, "streaming": True}  # never hold the corpus
     if cfg.hf_data_files:
         kwargs["data_files"] = cfg.hf_data_files
-    ds = datasets.load_dataset(name, cfg.hf_config, **kwargs)
+    return datasets.load_dataset(name, cfg.hf_config, **kwargs)
+
+
+def _hf_documents(cfg) -> Iterator[str]:
+    return _hf_rows(cfg, _hf_dataset(cfg))
+
+
+def _hf_rows(cfg, ds) -> Iterator[str]:
     for row in ds:
         if cfg.text_field not in row:
             raise ValueError(
                 f"data.source={cfg.source!r}: rows have no field data.text_field={cfg.text_field!r} "
-                f"(fields: {sorted(row)})"
+                f"(fields: {sorted(row)}); set data.text_field"
             )
         text = row[cfg.text_field]
         if isinstance(text, str):

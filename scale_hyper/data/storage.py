@@ -1,16 +1,19 @@
 """Where prepared data lives: a local directory or a URL, for reading and writing.
 
-``data.output`` is either a local directory (``data/stdlib``, ``file:///abs/dir``) or a URL base
-that webdataset's ``gopen`` can open: ``s3://bucket/dir`` (through ``aws s3 cp``, registered here
-because webdataset has no s3 handler), ``gs://``, ``http(s)://`` (curl), or a ``pipe:`` command.
-A ``pipe:`` base must contain ``{name}``, replaced by the file name, e.g.
-``pipe:curl -s https://host/data/{name}`` for reading or ``pipe:aws s3 cp - s3://b/d/{name}`` for
-writing.
+``data.output`` is either a local directory (``data/stdlib``, ``file:///abs/dir``) or a URL base:
+``s3://bucket/dir`` (through s3fs: ranged GETs with retries, multipart uploads, the AWS SDK's
+endpoint and credential variables; see ``s3``), or anything webdataset's ``gopen`` opens: ``gs://``
+(gsutil), ``http(s)://`` (curl, read only) or a ``pipe:`` command. A ``pipe:`` base must contain
+``{name}``, replaced by the file name, e.g. ``pipe:curl -s https://host/data/{name}`` for reading or
+``pipe:aws s3 cp - s3://b/d/{name}`` for writing with a client of your own.
 
 Safety: every URL is the user's own ``data.output`` joined with a file name that this package
 generated and that matches ``SAFE_NAME`` (letters, digits, ``._-``), so nothing read from a shard
 or a manifest can reach a shell. ``pipe:`` runs a shell command and is refused unless the same
 config sets ``data.allow_pipe=true``.
+
+A file appears only once it is complete: local files through a temporary name and a rename, s3
+objects at the end of their upload (aborted on an error).
 """
 
 from __future__ import annotations
@@ -24,6 +27,9 @@ from contextlib import contextmanager
 from typing import IO, Iterator, Optional
 from urllib.parse import urlparse
 from urllib.request import url2pathname
+
+from scale_hyper.data import s3
+from scale_hyper.data.s3 import RemoteStorageError  # noqa: F401  (re-exported: callers catch it from here)
 
 # One optional directory level ("tokenizer/tokenizer.json"); no "..", no scheme, no spaces.
 log = logging.getLogger("scale_hyper.data")
@@ -67,29 +73,22 @@ def join(base: str, name: str) -> str:
     return base.rstrip("/") + "/" + name
 
 
-def _gopen_s3(url: str, mode: str = "rb", bufsize: int = 8192, **_kw):
-    """``s3://`` through the AWS CLI (argument list, no shell), streaming via stdin/stdout."""
-    from webdataset.gopen import Pipe
-
-    if mode[0] == "r":
-        return Pipe(
-            ["aws", "s3", "cp", "--only-show-errors", url, "-"], mode=mode, bufsize=bufsize, ignore_status=[141]
-        )
-    if mode[0] == "w":
-        return Pipe(["aws", "s3", "cp", "--only-show-errors", "-", url], mode=mode, bufsize=bufsize)
-    raise ValueError(f"{mode}: unknown mode")
-
-
 def _gopen(url: str, mode: str):
     wds_gopen = importlib.import_module("webdataset.gopen")  # the package re-exports a function of that name
-    wds_gopen.gopen_schemes.setdefault("s3", _gopen_s3)
     return wds_gopen.gopen(url, mode)
 
 
+def is_s3(url: str) -> bool:
+    return url.startswith("s3://")
+
+
 def open_read(url: str, allow_pipe: bool) -> IO[bytes]:
+    """Open for reading. s3:// failures after retries raise ``RemoteStorageError`` naming the URL."""
     check_pipe(url, allow_pipe)
     if is_local(url):
         return open(local_path(url), "rb")
+    if is_s3(url):
+        return s3.open_read(url)  # type: ignore[return-value]
     return _gopen(url, "rb")
 
 
@@ -111,6 +110,9 @@ def open_write(url: str, allow_pipe: bool) -> Iterator[IO[bytes]]:
             if os.path.exists(tmp):
                 os.remove(tmp)
             raise
+    elif is_s3(url):
+        with s3.open_write(url) as w:
+            yield w  # type: ignore[misc]
     else:
         f = _gopen(url, "wb")
         try:
@@ -125,14 +127,16 @@ def read_bytes(url: str, allow_pipe: bool) -> bytes:
 
 
 def read_optional(url: str, allow_pipe: bool) -> Optional[bytes]:
-    """The file's bytes, or None when it does not exist (remote: when it cannot be read)."""
+    """The file's bytes, or None when it does not exist (http/gs/pipe: when it cannot be read)."""
     if is_local(url):
         if not os.path.exists(local_path(url)):
             return None
         return read_bytes(url, allow_pipe)
+    if is_s3(url):  # a missing key is None; a missing bucket or an unreachable store raises
+        return s3.read_optional(url)
     try:
         data = read_bytes(url, allow_pipe)
-    except OSError as err:  # curl/aws/cat report a missing object as a failed command
+    except OSError as err:  # curl/gsutil/cat report a missing object as a failed command
         log.warning("treating %s as absent: %s", url, err)
         return None
     return data or None

@@ -50,6 +50,16 @@ def prepare_data(run: RunConfig, info: DistInfo) -> Dict[str, Any]:
 
     for change in init_from.adopt_geometry(run):  # train.init_from: the weights decide the architecture
         log(info, f"init_from {run.train.init_from}: {change}")
+    if run.data.mixture:  # prepared sources only; the first one's manifest stands for the run (tokenizer, val)
+        from scale_hyper.data.mixture import load_sources
+
+        manifest = load_sources(run.data)[0]
+        shares = ", ".join(f"{m.output} × {m.weight:g}" for m in run.data.mixture)
+        log(info, f"data: mixture of {shares}; validation on {run.data.mixture[0].output}")
+        check_vocab(manifest, run.model.vocab_size)
+        if run.train.init_from:
+            init_from.check_tokenizer(run, manifest)
+        return manifest
     if info.is_main:
         manifest = ensure_prepared(run.data, seed=run.train.seed)
     dist.barrier()
