@@ -60,14 +60,20 @@ def _params(args: argparse.Namespace) -> int:
             continue
         print(f"{name:<14}{count:>14,}{base.get(name, 0):>14,}")
     print(f"{'total':<14}{report['total_params']:>14,}{report['baseline_params']:>14,}")
-    print(f"delta vs bert of the same geometry: {report['delta_params']:+,} ({report['delta_pct']:+.2f} %)")
+    # The headline total depends on the vocabulary and max_position: show all three deltas.
+    print(f"\n{'delta vs bert':<14}{run.model.mixer:>14}{'bert':>14}{'delta':>14}{'%':>9}")
+    for group, d in report["deltas"].items():
+        print(f"{group:<14}{d['params']:>14,}{d['baseline']:>14,}{d['delta']:>+14,}{d['pct']:>+9.2f}")
+    model = run.model
+    print(f"(same geometry; vocab_size={model.vocab_size}, max_position={model.max_position})")
     return 0
 
 
 def _prepare(args: argparse.Namespace) -> int:
     from scale_hyper.data import prepare
 
-    return prepare.main(_run_config(args.configs))
+    step = "plan" if args.plan else "merge" if args.merge else "all"
+    return prepare.main(_run_config(args.configs), args.task, args.tasks, step)
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -94,6 +100,10 @@ def _bench(args: argparse.Namespace) -> int:
         from scale_hyper.bench import data
 
         return data.main(run)
+    if args.what == "prepare":
+        from scale_hyper.bench import prepare
+
+        return prepare.main(run)
     from scale_hyper.bench import train
 
     return train.main(run)
@@ -102,7 +112,7 @@ def _bench(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from scale_hyper.evaluation import mlm
 
-    return mlm.main(args.model, args.configs)
+    return mlm.main(args.model, args.configs, args.per_batch)
 
 
 def _glue(args: argparse.Namespace) -> int:
@@ -146,6 +156,12 @@ def _plan(args: argparse.Namespace) -> int:
     return planner.main(_run_config(args.configs), args.gpus, args.gpu, args.gpu_mem, args.mfu, args.json)
 
 
+def _sweep(args: argparse.Namespace) -> int:
+    from scale_hyper.sweep import main as sweep
+
+    return sweep.main(args.spec, args.configs, args.backend, args.dry_run, args.max_runs, args.report, args.status)
+
+
 def _with_configs(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("configs", nargs="*", metavar="CONFIG|key=value", help="presets, YAML/JSON files, overrides")
     return p
@@ -163,9 +179,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = _with_configs(verb("config", _config, "print the resolved configuration as YAML"))
     p.add_argument("--explain", metavar="KEY", help="a key's type, default, allowed values and description")
     verb("presets", _presets, "list the built-in presets")
-    p = _with_configs(verb("params", _params, "parameters by component, and the delta against BERT"))
+    p = _with_configs(
+        verb("params", _params, "parameters by component; total, non-embedding and mixing deltas against BERT")
+    )
     p.add_argument("--json", action="store_true", help="one JSON object (total_params, baseline_params, ...)")
-    _with_configs(verb("prepare", _prepare, "corpus -> tokenizer -> packed WebDataset shards"))
+    p = _with_configs(verb("prepare", _prepare, "corpus -> tokenizer -> packed WebDataset shards"))
+    p.add_argument("--task", type=int, default=None, metavar="I", help="this task's index (0-based) of --tasks")
+    p.add_argument("--tasks", type=int, default=None, metavar="N",
+                   help="run one of N tasks: its slices only, then merge if it finished last "
+                   "(default: a SLURM job array's or srun step's, else 1 = everything)")  # fmt: skip
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--plan", action="store_true", help="only the first step: tokenizer and slice list")
+    g.add_argument("--merge", action="store_true", help="only the last step: check the slices, write manifest.json")
     _with_configs(verb("train", _train, "train with DeepSpeed (no arguments: the embedded tiny job)"))
     p = verb("export", _export, "write a Hugging Face directory from a training checkpoint")
     p.add_argument("checkpoint", help="checkpoint directory (runs/x/checkpoints/step_N) or run output_dir")
@@ -176,10 +201,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="checkpoint directory")
     p.add_argument("--out", default=None, help="output directory (default: CHECKPOINT_universal)")
     p = verb("bench", _bench, "benchmarks that print figures")
-    p.add_argument("what", choices=["data", "train"])
+    p.add_argument("what", choices=["data", "prepare", "train"])
     _with_configs(p)
     p = verb("eval", _eval, "MLM loss, perplexity and accuracy on validation shards")
     p.add_argument("model", help="checkpoint (runs/x/checkpoints/step_N), run output_dir, or Hugging Face directory")
+    p.add_argument("--per-batch", default=None, metavar="PATH", help="also write each batch's loss to this JSON file")
     _with_configs(p)
     p = verb("glue", _glue, "fine-tune and score GLUE tasks (median over seeds, best lr)")
     p.add_argument("model", help="checkpoint, run output_dir, or Hugging Face directory (ours or a stock BERT)")
@@ -224,6 +250,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", help="the run's train.output_dir (its metrics.jsonl and newest checkpoint)")
     p.add_argument("--run-id", default=None, help="MLflow run id (default: from the newest checkpoint)")
     p.add_argument("--dry-run", action="store_true", help="only count what is missing")
+    _with_configs(p)
+    p = verb("sweep", _sweep, "a grid of runs from a spec: plan, run locally or on SLURM (resumable), report")
+    p.add_argument("spec", metavar="SPEC.yaml", help="the sweep spec (sweeps/*.yaml)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--local", dest="backend", action="store_const", const="local", help="run here, one after another")
+    g.add_argument("--slurm", dest="backend", action="store_const", const="slurm", help="submit dependent jobs")
+    g.add_argument("--report", action="store_true", help="only write the report of what has finished")
+    g.add_argument("--status", action="store_true", help="only print each run's state")
+    p.add_argument("--dry-run", action="store_true", help="print the plan (runs, tokens, GPU-hours); start nothing")
+    p.add_argument("--max-runs", type=int, default=None, metavar="N", help="refuse a grid of more than N runs")
     _with_configs(p)
     p = _with_configs(verb("doctor", _doctor, "is this cluster ready? environment, collectives, kernels, a short run"))
     p.add_argument("--checks", default=None, metavar="A,B", help="only these checks (default all): "

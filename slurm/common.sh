@@ -256,12 +256,21 @@ sh_preflight() {
 # (srun relays it to every process of the step); the trainer checkpoints at the next step boundary
 # and exits 0; then this script requeues the job (`scontrol requeue`), which restarts it under the
 # same job id with train.resume=auto, i.e. from exactly that checkpoint.
+# SIGTERM means "stop" (a plain scancel, preemption, a kill of the script): checkpoint the same way,
+# but never requeue — a requeue would undo the user's scancel (SLURM requeues a preempted
+# PreemptMode=REQUEUE job itself).
 # ---------------------------------------------------------------------------------------------------
 SH_PREEMPTED=0
+SH_STOP_SIGNAL=
 SH_STEP_PID=
 sh_on_stop_signal() {
     SH_PREEMPTED=1
-    sh_log "SIG$1 (time limit near, preemption, or a stop request): asking the ranks to checkpoint and exit"
+    SH_STOP_SIGNAL=$1
+    if [[ $1 == TERM ]]; then
+        sh_log "SIGTERM (scancel, preemption or a kill: stop): asking the ranks to checkpoint and exit"
+    else
+        sh_log "SIG$1 (time limit near, or a pause request): asking the ranks to checkpoint and exit"
+    fi
     if [[ -n $SH_STEP_PID ]]; then
         # As USR1: srun relays USR1 to every task, whereas an srun that gets TERM cancels the step
         # (SIGKILL to the tasks), which would lose the checkpoint.
@@ -301,7 +310,10 @@ sh_job_log() {  # this job's stdout file (the --output pattern, expanded by SLUR
 
 sh_train() {
     local mode=$SH_MODE
-    if (( SH_PREEMPTED )); then
+    if (( SH_PREEMPTED )) && [[ $SH_STOP_SIGNAL == TERM ]]; then
+        sh_log "stopped (SIGTERM) before training started: not training, not requeueing"
+        return 0
+    elif (( SH_PREEMPTED )); then
         sh_log "signalled before training started: requeueing without training"
     else
         local inner
@@ -335,6 +347,11 @@ sh_train() {
         if [[ -z $after || $after == "$before" ]]; then
             sh_log "signalled, but no new checkpoint was completed (status $SH_STEP_RC): not requeueing"
             return $(( SH_STEP_RC != 0 ? SH_STEP_RC : 1 ))
+        fi
+        if [[ $SH_STOP_SIGNAL == TERM ]]; then
+            sh_log "stopped by SIGTERM with a checkpoint at step $after: not requeueing" \
+                "(resubmit the same job to resume from it)"
+            return 0
         fi
     fi
     if (( ${SLURM_RESTART_COUNT:-0} >= MAX_REQUEUES )); then

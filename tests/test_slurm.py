@@ -373,28 +373,35 @@ def batch_shell_pid(job_id: str) -> int:
 
 
 @pytest.mark.slow
-def test_sigterm_to_a_running_srun_jobs_process_group_checkpoints_and_resumes(submit, shards, tmp_path):
-    """`kill -TERM -<pgid>` of a running 2-rank srun job's batch script (a wrapper's or a user's stop):
-    the trap forwards it to the step as USR1 (an srun that got TERM itself would SIGKILL the tasks;
-    the step runs in its own session so it does not), the ranks checkpoint and exit 0, and the job is
-    requeued on the evidence of the new checkpoint and resumes from it."""
+def test_sigterm_to_a_running_srun_jobs_process_group_checkpoints_stops_and_a_resubmission_resumes(
+    submit, shards, tmp_path
+):
+    """`kill -TERM -<pgid>` of a running 2-rank srun job's batch script (what a plain `scancel` sends the
+    batch shell too): the trap forwards it to the step as USR1 (an srun that got TERM itself would
+    SIGKILL the tasks; the step runs in its own session so it does not), the ranks checkpoint and exit
+    0, and the job is NOT requeued (a requeue would undo a scancel). Submitting it again resumes."""
     steps = 60
-    job = submit(
-        "single-node.sbatch", "term", ["--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1"],
-        job_env(tmp_path, shards, "term", PREFLIGHT="0", SCALE_HYPER_TEST_STEP_SECONDS="0.2"),
-        [*TRAIN, f"train.max_steps={steps}", "train.stop_check_every=1"],
-    )  # fmt: skip
+    sbatch = ["--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1"]
+    env = job_env(tmp_path, shards, "term", PREFLIGHT="0", SCALE_HYPER_TEST_STEP_SECONDS="0.2")
+    args = [*TRAIN, f"train.max_steps={steps}", "train.stop_check_every=1"]
+    job = submit("single-node.sbatch", "term", sbatch, env, args)
     job.wait_for(r"\[scale-hyper\] step [3-9]/", timeout=300)
     os.killpg(os.getpgid(batch_shell_pid(job.id)), 15)
-    info = job.wait(300, restarts=1)
+    info = job.wait(300)
     text = job.text()
-    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", text[-8000:]
-    assert "SIGTERM (time limit near, preemption, or a stop request)" in text
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "0", text[-8000:]
+    assert "SIGTERM (scancel, preemption or a kill: stop)" in text
     saved = re.search(r"stopped by SIGUSR1: checkpoint saved at step (\d+)", text)
     assert saved, text[-8000:]
     k = int(saved.group(1))
     assert "Killed" not in text and re.search(
         rf"training step exited with status 0 \(newest checkpoint: step {k}\)", text
     )
+    assert f"stopped by SIGTERM with a checkpoint at step {k}: not requeueing" in text
+    assert "training finished" not in text and "requeueing job" not in text
+
+    again = submit("single-node.sbatch", "term", sbatch, env, args)
+    again.wait(300)
+    text = again.text()
     assert re.search(rf"resumed from \S+step_{k} at step {k}\b", text), text[-8000:]
     assert re.search(rf"steps\s+{steps}\b", text) and text.count("training finished") == 1

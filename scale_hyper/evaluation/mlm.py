@@ -4,14 +4,16 @@ on the validation shards of ``data.output`` (by default the data the checkpoint 
 The masks are the validation loader's fixed masks, so numbers are comparable across models,
 and computed by the same code, under the same names, as the ``val_loss`` / ``val_accuracy`` /
 ``val_perplexity`` that training logs (MLflow: ``eval/val_loss`` ...). ``eval.batches`` caps the batches
-(0 = the whole validation split); ``train.micro_batch_size`` is the batch size.
+(0 = the whole validation split); ``train.micro_batch_size`` is the batch size. ``--per-batch PATH``
+also writes each batch's loss to a JSON file (``scale-hyper sweep``'s paired test across runs).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
-from typing import Dict, Iterable, Sequence
+from typing import Dict, Iterable, List, Optional, Sequence
 
 import torch
 
@@ -20,9 +22,13 @@ from scale_hyper import runs as sources
 
 @torch.no_grad()
 def mlm_metrics(
-    model: torch.nn.Module, batches: Iterable[Dict[str, torch.Tensor]], device: str = "cpu"
+    model: torch.nn.Module,
+    batches: Iterable[Dict[str, torch.Tensor]],
+    device: str = "cpu",
+    per_batch: Optional[List[Dict[str, float]]] = None,
 ) -> Dict[str, float]:
-    """The validation metrics training logs (``scale_hyper.models.mlm_metrics``), for any MLM."""
+    """The validation metrics training logs (``scale_hyper.models.mlm_metrics``), for any MLM;
+    ``per_batch`` (a list) receives each batch's loss sum and masked-token count, in batch order."""
     from scale_hyper.models import ScaleHyperForMaskedLM
     from scale_hyper.models.mlm_metrics import masked_lm_metrics, masked_lm_totals
 
@@ -36,31 +42,41 @@ def mlm_metrics(
             logits = model(**inputs, labels=labels, sparse_logits=True).logits
         else:
             logits = model(**inputs).logits
-        totals += masked_lm_totals(logits, labels)
+        batch_totals = masked_lm_totals(logits, labels)
+        totals += batch_totals
         seqs += labels.shape[0]
+        if per_batch is not None:  # one host sync per batch, only when asked (the paired test of a sweep)
+            loss_sum, _, n = batch_totals.tolist()
+            per_batch.append({"loss_sum": loss_sum, "masked_tokens": n})
     return {**masked_lm_metrics(totals), "val_sequences": float(seqs)}
 
 
-def evaluate(model_path: str, args: Sequence[str] = ()) -> Dict[str, float]:
+def evaluate(
+    model_path: str, args: Sequence[str] = (), per_batch: Optional[List[Dict[str, float]]] = None
+) -> Dict[str, float]:
     from scale_hyper.data import check_vocab, load_manifest, val_loader
 
     src = sources.resolve(model_path)
     run = sources.run_config(src, args)
-    manifest = load_manifest(run.data.output, run.data.allow_pipe)
+    output = run.data.output
+    if run.data.mixture and not any(a.startswith("data.output=") for a in args):
+        output = run.data.mixture[0].output  # a mixture run validates on its first source (docs/engine.md)
+    manifest = load_manifest(output, run.data.allow_pipe)
     if manifest is None:
         raise FileNotFoundError(
-            f"no prepared data at data.output={run.data.output}; run `scale-hyper prepare` or set data.output"
+            f"no prepared data at data.output={output}; run `scale-hyper prepare` or set data.output"
         )
     model = sources.load_mlm(src)
     check_vocab(manifest, model.config.vocab_size)
     device = "cuda" if run.train.device != "cpu" and torch.cuda.is_available() else "cpu"
     model.to(device)
-    loader = val_loader(run.data, manifest, rank=0, world_size=1, micro_batch_size=run.train.micro_batch_size,
+    data = dataclasses.replace(run.data, output=output, mixture=[])
+    loader = val_loader(data, manifest, rank=0, world_size=1, micro_batch_size=run.train.micro_batch_size,
                         max_batches=run.eval.batches or None)  # fmt: skip
     start = time.perf_counter()
-    metrics = mlm_metrics(model, loader, device)
+    metrics = mlm_metrics(model, loader, device, per_batch)
     metrics["seconds"] = time.perf_counter() - start
-    return {"source": src, "run": run, "metrics": metrics, "data": run.data.output}
+    return {"source": src, "run": run, "metrics": metrics, "data": output}
 
 
 def format_table(rows: Sequence[Dict]) -> str:
@@ -75,17 +91,37 @@ def format_table(rows: Sequence[Dict]) -> str:
     return "\n".join(lines)
 
 
-def main(model_path: str, args: Sequence[str] = ()) -> int:
+def write_per_batch(path: str, out: Dict, batches: List[Dict[str, float]]) -> None:
+    """``--per-batch PATH``: every batch's loss on the fixed validation batches, written atomically, so
+    runs evaluated on the same data and micro batch size can be compared batch by batch."""
+    import json
+    import os
+    from pathlib import Path
+
+    run = out["run"]
+    doc = {"model": str(out["source"].path), "data": out["data"], "micro_batch_size": run.train.micro_batch_size,
+           "seq_len": run.data.seq_len, "metrics": out["metrics"], "batches": batches}  # fmt: skip
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    tmp = f"{path}.tmp"
+    Path(tmp).write_text(json.dumps(doc, indent=1))
+    os.replace(tmp, path)
+
+
+def main(model_path: str, args: Sequence[str] = (), per_batch_path: Optional[str] = None) -> int:
     from scale_hyper.evaluation.track import log_results
 
+    batches: List[Dict[str, float]] = []
     try:
-        out = evaluate(model_path, args)
+        out = evaluate(model_path, args, batches if per_batch_path else None)
     except (FileNotFoundError, ValueError) as err:
         print(f"scale-hyper: error: eval: {err}", file=sys.stderr)
         return 2
     src, m = out["source"], out["metrics"]
     print(f"validation data: {out['data']}")
     print(format_table([{"name": src.name, "metrics": m}]))
+    if per_batch_path:
+        write_per_batch(per_batch_path, out, batches)
+        print(f"per-batch losses ({len(batches)} batches): {per_batch_path}")
     run_id = log_results(
         out["run"], {f"eval/{k}": v for k, v in m.items() if k != "seconds"},
         source_run_id=src.mlflow_run_id, run_name=f"eval {src.name}",
