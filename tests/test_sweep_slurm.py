@@ -107,8 +107,8 @@ def test_sweep_on_slurm_requeues_resumes_resubmits_only_the_failed_run_and_repor
         submitted += [j for js in (*trains.values(), *evals.values()) for j in js] + jobs_of(st, "report")["_report"]
 
         # One training job dies for good as soon as it trains: SIGKILL to its batch shell (a crash of the
-        # job's own script, as the OOM killer would do); the job ends and nothing requeues it. (scancel is
-        # no way to make a run fail here: with KillWait=30 s the template's TERM trap checkpoints and requeues.)
+        # job's own script, as the OOM killer would do); the job ends and nothing requeues it. (A plain
+        # scancel would not do: the template's TERM trap checkpoints first, so the run is merely interrupted.)
         dead = job(tmp_path, "bert-tiny_s2", trains["bert-tiny_s2"][0])
         dead.wait_for(r"\[scale-hyper\] step \d+/", timeout=240)
         assert subprocess.run(["scancel", "--batch", "--signal=KILL", dead.id]).returncode == 0
