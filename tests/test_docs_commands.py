@@ -99,8 +99,9 @@ NOT_RUNNABLE: Dict[Tuple[str, str], str] = {
         "tests/test_sweep.py::test_shipped_spec_dry_run runs this dry run on the spec as shipped"
     ),
     ("docs/experiments.md", "scale-hyper sweep sweeps/cpu-study.yaml --local"): (
-        "36 training runs and their evaluations (about 28 min on 2 cores as shipped, over 10 min even under "
-        "the overlay); tests/test_sweep_slurm.py runs a sweep end to end"
+        "36 training runs and their evaluations (about 35 min on 2 cores as shipped, over 10 min even under "
+        "the overlay); tests/test_sweep_local.py runs the same --local runner end to end on a 2-run grid, "
+        "tests/test_sweep_slurm.py the --slurm one"
     ),
     ("docs/experiments.md", "scale-hyper prepare data.source=hf:wikitext"): HUB + " (WikiText-103)",
     ("docs/experiments.md", "scale-hyper sweep sweeps/wt103-mini.yaml --slurm"): (

@@ -217,7 +217,7 @@ def test_seed_noise():
 # ------------------------------------------------------------------------------------------------
 # The report
 # ------------------------------------------------------------------------------------------------
-GRID = BASE.replace("  train.seed: [1, 2]", "  train.lr:\n    hyperbert-tiny: [1.0e-3, 2.0e-3]\n"
+GRID = BASE.replace("  train.seed: [1, 2]", "  train.lr:\n    hyperbert-tiny: [1.0e-3, 2.0e-3, 4.0e-3]\n"
                     "    bert-tiny: [1.0e-3, 2.0e-3]\n  train.seed: [1, 2, 3]")  # fmt: skip
 
 
@@ -258,6 +258,8 @@ def test_report_selects_lr_and_states_seed_statistics(tmp_path):
     assert "| hyperbert | 0.002 | 3 | 5.0400 ± 0.0200 | 5.0200–5.0600 | **selected** |" in text
     assert "| bert | 0.001 | 3 | 5.1400 ± 0.0200 | 5.1200–5.1600 | **selected** |" in text
     assert "3 seeds: the seed statistics below are descriptive only" in text
+    # bert's best lr is the smallest it tried: said; hyperbert's lies inside its grid: not said
+    assert "**Warning: the selected lr is at the edge of its grid for bert (0.001)**" in text
     row = next(
         line for line in text.splitlines() if line.startswith("| bert | -0.1000") or line.startswith("| bert | −")
     )

@@ -105,6 +105,12 @@ def best_lr(rows: List[Dict[str, Any]]) -> Dict[str, Tuple[str, List[Dict[str, A
     return out
 
 
+def _grid_ends(lines: List[str]) -> Tuple[str, str]:
+    """The smallest and largest lr of a mixer's table lines (sorted by lr; the lr is the second cell)."""
+    lrs = [line.split("|")[2].strip() for line in lines]
+    return lrs[0], lrs[-1]
+
+
 def group_section(name: str, rows: List[Dict[str, Any]], figures: List[str]) -> List[str]:
     chosen = best_lr(rows)
     md = [f"## Comparison: {name}" if name else "## Comparison", "",
@@ -118,6 +124,13 @@ def group_section(name: str, rows: List[Dict[str, Any]], figures: List[str]) -> 
            + (f"**{seeds} seeds: the seed statistics below are descriptive only** (≥ {stats.MIN_SEEDS_FOR_INFERENCE} "
               "seeds for a statement about seed noise)." if seeds < stats.MIN_SEEDS_FOR_INFERENCE else
               f"{seeds} seeds per mixer."), ""]  # fmt: skip
+    edge = [f"{m} ({lr})" for m, (lr, _, lines) in chosen.items() if len(lines) > 1 and lr in _grid_ends(lines)]
+    if edge:  # the optimum may lie beyond the grid: the comparison then understates that mixer
+        md += [
+            f"**Warning: the selected lr is at the edge of its grid for {', '.join(edge)}** — the best lr may lie "
+            "outside the grid; extend `train.lr` in the spec (finished runs are reused) before concluding.",
+            "",
+        ]
     best_rows = {m: v[1] for m, v in chosen.items()}
     ends = {
         x: min(float(r["curve"][x][-1]) for rs in best_rows.values() for r in rs)
