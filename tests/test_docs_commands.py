@@ -99,9 +99,13 @@ NOT_RUNNABLE: Dict[Tuple[str, str], str] = {
         "tests/test_sweep.py::test_shipped_spec_dry_run runs this dry run on the spec as shipped"
     ),
     ("docs/experiments.md", "scale-hyper sweep sweeps/cpu-study.yaml --local"): (
-        "36 training runs and their evaluations (about 35 min on 2 cores as shipped, over 10 min even under "
+        "48 training runs and their evaluations (about 39 min on 2 cores as shipped, over 10 min even under "
         "the overlay); tests/test_sweep_local.py runs the same --local runner end to end on a 2-run grid, "
         "tests/test_sweep_slurm.py the --slurm one"
+    ),
+    ("docs/results.md", "scale-hyper sweep sweeps/cpu-study.yaml --local"): (
+        "the CPU study itself, 48 training runs (39 min on 2 cores); tests/test_sweep_local.py runs the same "
+        "--local runner end to end on a 2-run grid"
     ),
     ("docs/experiments.md", "scale-hyper prepare data.source=hf:wikitext"): HUB + " (WikiText-103)",
     ("docs/experiments.md", "scale-hyper sweep sweeps/wt103-mini.yaml --slurm"): (
