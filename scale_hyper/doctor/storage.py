@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any, Dict, List
 
 from scale_hyper.config import ConfigError, RunConfig
-from scale_hyper.doctor.results import FAIL, PASS, Result, faults
+from scale_hyper.data import storage
+from scale_hyper.doctor.results import FAIL, PASS, SKIPPED, Result, faults
 from scale_hyper.runs import disk
 from scale_hyper.runs.disk import human_bytes
 
@@ -49,9 +50,16 @@ def require_room(run: RunConfig) -> None:
 
 def _probe(directory: Path, rank: int, size: int, readonly: bool) -> Dict[str, Any]:
     directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f".doctor-probe.rank{rank}"
+    path = directory / f".doctor-probe.rank{rank}.{os.getpid()}"  # unique even for two doctors on one directory
     if readonly:
         raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+    try:
+        return _timed_write_read(path, size)
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def _timed_write_read(path: Path, size: int) -> Dict[str, Any]:
     block = os.urandom(BLOCK)
     t0 = time.perf_counter()
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -70,7 +78,6 @@ def _probe(directory: Path, rank: int, size: int, readonly: bool) -> Dict[str, A
         while f.read(BLOCK):
             pass
     t4 = time.perf_counter()
-    path.unlink()
     return {"bytes": size, "write_s": t1 - t0, "fsync_s": t2 - t1, "read_s": t4 - t3,
             "write_mbs": size / (t2 - t0) / 2**20, "read_mbs": size / (t4 - t3) / 2**20}  # fmt: skip
 
@@ -80,16 +87,16 @@ def measure(run: RunConfig, rank: int, size: int) -> Dict[str, Any]:
     out: Dict[str, Any] = {}
     readonly = "readonly" in faults()
     for key, where in (("train.output_dir", run.train.output_dir), ("data.output", run.data.output)):
-        directory = Path(where).absolute() / ("doctor" if key == "train.output_dir" else ".doctor")
+        # Each rank's probe file sits in the directory itself: no shared scratch directory that one rank
+        # could remove while another is about to write into it (seen under load in CI).
+        if not storage.is_local(where):  # object storage: the training check streams from it
+            out[key] = {"remote": True, "path": where}
+            continue
+        directory = Path(where).absolute()
         try:
             out[key] = _probe(directory, rank, size, readonly and key == "train.output_dir")
         except OSError as err:
             out[key] = {"error": f"{type(err).__name__}: {err}"}
-        finally:
-            try:  # the last rank out removes it (the others' probes may still be in it)
-                directory.rmdir()
-            except OSError:
-                pass
         out[key]["free"] = free_bytes(Path(where).absolute())
         out[key]["path"] = str(Path(where).absolute())
     return out
@@ -101,6 +108,10 @@ def check(run: RunConfig, per_rank: List[Dict[str, Any]]) -> List[Result]:
     for key in ("train.output_dir", "data.output"):
         rows = [r[key] for r in per_rank]
         path = rows[0]["path"]
+        if rows[0].get("remote"):
+            results.append(Result(f"storage/{key}", SKIPPED, "object storage", f"{key}={path}: not probed as a "
+                                  "directory; the training check reads its shards", {"ranks": rows}))  # fmt: skip
+            continue
         errors = [f"rank {i}: {r['error']}" for i, r in enumerate(rows) if "error" in r]
         if errors:
             results.append(Result(f"storage/{key}", FAIL, "not writable", f"{key}={path} is not writable: "
