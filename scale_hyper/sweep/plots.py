@@ -30,6 +30,20 @@ def _band(rows: List[Dict[str, Any]], x: str) -> Tuple[np.ndarray, np.ndarray, n
     return grid, ys.mean(axis=0), ys.min(axis=0), ys.max(axis=0)
 
 
+def _save(fig: Any, ax: Any, xlabel: str, ylabel: str, path: Path) -> str:
+    """Labels, grid and legend as every report figure has them; writes the PNG, returns its file name."""
+    import matplotlib.pyplot as plt
+
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path.name
+
+
 def draw(rows: List[Dict[str, Any]], chosen: Dict[str, Any], out: Path, prefix: str) -> List[str]:
     import matplotlib
 
@@ -50,15 +64,11 @@ def draw(rows: List[Dict[str, Any]], chosen: Dict[str, Any], out: Path, prefix: 
             series.append((grid, hi))
             series.append((grid, lo))
         _ylim(ax, series)
-        ax.set_xlabel(label)
-        ax.set_ylabel("validation MLM loss (seed mean, min–max band)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        name = f"{prefix}_val_loss_vs_{x}.png"
-        fig.savefig(out / name)
-        plt.close(fig)
-        names.append(name)
+        names.append(
+            _save(
+                fig, ax, label, "validation MLM loss (seed mean, min–max band)", out / f"{prefix}_val_loss_vs_{x}.png"
+            )
+        )
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
     for row in rows:
         r = row["run"]
@@ -71,12 +81,7 @@ def draw(rows: List[Dict[str, Any]], chosen: Dict[str, Any], out: Path, prefix: 
         lrs = sorted(by_lr)
         ax.plot(lrs, [np.mean(by_lr[lr]) for lr in lrs], color=COLOURS.get(mixer), label=mixer, marker="s")
     ax.set_xscale("log")
-    ax.set_xlabel("peak learning rate")
-    ax.set_ylabel("final validation MLM loss (dots: seeds)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    name = f"{prefix}_lr_sweep.png"
-    fig.savefig(out / name)
-    plt.close(fig)
-    return [*names, name]
+    lr_plot = _save(
+        fig, ax, "peak learning rate", "final validation MLM loss (dots: seeds)", out / f"{prefix}_lr_sweep.png"
+    )
+    return [*names, lr_plot]
