@@ -163,3 +163,15 @@ def test_real_prepared_sources_mix(prepared):
 # The 2-rank DeepSpeed training over a mixture, interrupted and resumed with equal losses, runs from the
 # S3-compatible store in tests/test_s3.py (test_two_ranks_train_on_a_mixture_from_s3_...): one copy of that
 # slow test, not two.
+
+
+def test_a_mixture_runs_tokenizer_is_its_first_sources(prepared, tmp_path):
+    """Export and eval load the run's tokenizer from its DataConfig: with a mixture, data.output holds
+    nothing (it keeps its default), so the first source's tokenizer must stand for the run."""
+    from scale_hyper.data.tokenizer import load_tokenizer
+
+    cfg = DataConfig(seq_len=32, output=str(tmp_path / "nothing-here"),
+                     mixture=[MixtureSource(str(prepared / "x"), 0.6), MixtureSource(str(prepared / "y"), 0.4)])  # fmt: skip
+    first = shardlib.load_manifest(str(prepared / "x"))
+    assert first is not None
+    assert load_tokenizer(cfg).get_vocab() == load_tokenizer({**first, "location": str(prepared / "x")}).get_vocab()

@@ -194,7 +194,9 @@ def load_tokenizer(source):
         base, allow_pipe = source["location"], bool(source.get("allow_pipe", False))
         tok_dir = source.get("tokenizer", {}).get("path", TOKENIZER_DIR)
     else:
-        base, allow_pipe, tok_dir = source.output, source.allow_pipe, TOKENIZER_DIR
+        # A mixture's sources share one tokenizer (checked when loading them): the first source's stands for it.
+        base = source.mixture[0].output if source.mixture else source.output
+        allow_pipe, tok_dir = source.allow_pipe, TOKENIZER_DIR
         if storage.read_optional(storage.join(base, "manifest.json"), allow_pipe) is None:
             if not source.tokenizer:
                 raise ValueError(

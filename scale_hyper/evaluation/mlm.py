@@ -10,7 +10,6 @@ also writes each batch's loss to a JSON file (``scale-hyper sweep``'s paired tes
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 import time
 from typing import Dict, Iterable, List, Optional, Sequence
@@ -58,20 +57,23 @@ def evaluate(
 
     src = sources.resolve(model_path)
     run = sources.run_config(src, args)
-    output = run.data.output
     if run.data.mixture and not any(a.startswith("data.output=") for a in args):
-        output = run.data.mixture[0].output  # a mixture run validates on its first source (docs/engine.md)
-    manifest = load_manifest(output, run.data.allow_pipe)
-    if manifest is None:
-        raise FileNotFoundError(
-            f"no prepared data at data.output={output}; run `scale-hyper prepare` or set data.output"
-        )
+        from scale_hyper.data.mixture import load_sources
+
+        manifest = load_sources(run.data)[0]  # as in training: a mixture validates on its first source
+        output = manifest["location"]
+    else:
+        output = run.data.output
+        manifest = load_manifest(output, run.data.allow_pipe)
+        if manifest is None:
+            raise FileNotFoundError(
+                f"no prepared data at data.output={output}; run `scale-hyper prepare` or set data.output"
+            )
     model = sources.load_mlm(src)
     check_vocab(manifest, model.config.vocab_size)
     device = "cuda" if run.train.device != "cpu" and torch.cuda.is_available() else "cpu"
     model.to(device)
-    data = dataclasses.replace(run.data, output=output, mixture=[])
-    loader = val_loader(data, manifest, rank=0, world_size=1, micro_batch_size=run.train.micro_batch_size,
+    loader = val_loader(run.data, manifest, rank=0, world_size=1, micro_batch_size=run.train.micro_batch_size,
                         max_batches=run.eval.batches or None)  # fmt: skip
     start = time.perf_counter()
     metrics = mlm_metrics(model, loader, device, per_batch)
