@@ -100,6 +100,10 @@ def _bench(args: argparse.Namespace) -> int:
         from scale_hyper.bench import data
 
         return data.main(run)
+    if args.what == "prepare" and args.files:
+        from scale_hyper.bench import small_files
+
+        return small_files.main(run, args.files)
     if args.what == "prepare":
         from scale_hyper.bench import prepare
 
@@ -202,6 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output directory (default: CHECKPOINT_universal)")
     p = verb("bench", _bench, "benchmarks that print figures")
     p.add_argument("what", choices=["data", "prepare", "train"])
+    p.add_argument("--files", type=int, default=0, metavar="N",
+                   help="prepare: N small files of the embedded corpus against the same text as one file")  # fmt: skip
     _with_configs(p)
     p = verb("eval", _eval, "MLM loss, perplexity and accuracy on validation shards")
     p.add_argument("model", help="checkpoint (runs/x/checkpoints/step_N), run output_dir, or Hugging Face directory")

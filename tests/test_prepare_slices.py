@@ -221,7 +221,8 @@ def test_prepare_parquet_and_zst_end_to_end(corpus, tmp_path):
     cfg = _cfg(tmp_path / "pq", source=str(root / "c.parquet"), text_field="body", max_documents=0, min_shards=4,
                slice_bytes=8192)  # fmt: skip
     m = ensure_prepared(cfg, seed=1)  # its 3 row groups of ~70 KB: a slice each
-    assert m["slices"] == 3 and m["slice_files"] == [1, 1, 1] and m["documents"]["train"] + m["documents"]["val"] == len(docs)
+    assert m["slices"] == 3 and m["slice_files"] == [1, 1, 1]
+    assert m["documents"]["train"] + m["documents"]["val"] == len(docs)
     z = ensure_prepared(dataclasses.replace(cfg, output=str(tmp_path / "z"), source=str(root / "c.jsonl.zst")), 1)
     assert z["splits"]["train"]["tokens"] + z["splits"]["val"]["tokens"] > 0 and z["slices"] == 1
 

@@ -46,6 +46,12 @@ def _tokens_per_s(loader, seconds: float) -> float:
     return tokens / (time.perf_counter() - start)
 
 
+def loader_tokens_per_s(data_cfg, manifest: dict, micro_batch_size: int, seconds: float = 3.0) -> float:
+    """Masked tokens/s of one in-process loader worker over a prepared ``manifest`` (rank 0 of 1)."""
+    loader = train_loader(data_cfg, manifest, seed=0, rank=0, world_size=1, micro_batch_size=micro_batch_size)
+    return _tokens_per_s(loader, seconds)
+
+
 def measure(data_cfg, seq_len: int, micro_batch_size: int, seconds: float = 3.0) -> Dict[str, float]:
     from scale_hyper.config.schema import MixtureSource
 
@@ -62,8 +68,7 @@ def measure(data_cfg, seq_len: int, micro_batch_size: int, seconds: float = 3.0)
         }
         out: Dict[str, float] = {"seq_len": seq_len}
         for name, cfg in variants.items():
-            loader = train_loader(cfg, manifest, seed=0, rank=0, world_size=1, micro_batch_size=micro_batch_size)
-            out[f"{name}_tokens_per_s"] = _tokens_per_s(loader, seconds)
+            out[f"{name}_tokens_per_s"] = loader_tokens_per_s(cfg, manifest, micro_batch_size, seconds)
         out["loader_tokens_per_s"] = out["mixing_tokens_per_s"]
 
         masker = Masker(data_cfg.vocab_size, range(5), 4, data_cfg.mask_prob)
