@@ -109,11 +109,13 @@ def measure(data_cfg, files: int, seed: int = 1234, micro_batch_size: int = 32, 
         t0 = time.perf_counter()
         corpus = write_corpus(os.path.join(tmp, "corpus"), files, file_bytes)
         out: Dict[str, Any] = {"files": files, "bytes": corpus["bytes"], "write_s": time.perf_counter() - t0}
+        print(f"corpus: {out['bytes'] / 1e6:,.1f} MB of text, written in {out['write_s']:.1f} s", flush=True)
         base = dataclasses.replace(
             data_cfg, max_documents=0, num_workers=0, tokenizer_train_chars=min(
                 data_cfg.tokenizer_train_chars or TOKENIZER_CHARS, TOKENIZER_CHARS))  # fmt: skip
         runs = {"small": (corpus["small"], 1), "large": (corpus["large"], 1), "small_4_tasks": (corpus["small"], 4)}
         for name, (source, tasks) in runs.items():
+            print(f"preparing {name.replace('_', ' ')} ...", flush=True)
             cfg = dataclasses.replace(base, source=source, output=os.path.join(tmp, name))
             r = _prepare(cfg, seed, tasks)
             m = r.pop("manifest")
@@ -135,7 +137,6 @@ def main(cfg, files: int) -> int:
           f"{d.sequences_per_shard:,}, seq_len {d.seq_len}, data.prepare_workers={d.prepare_workers}; "
           f"{os.cpu_count()} CPU cores here, load average {os.getloadavg()[0]:.1f}")  # fmt: skip
     r = measure(d, files, seed=cfg.train.seed, micro_batch_size=cfg.train.micro_batch_size)
-    print(f"corpus: {r['bytes'] / 1e6:,.1f} MB of text, written in {r['write_s']:.1f} s")
     head = ("corpus", "slices", "files/slice", "train shards", "ceil(seq/per)", "val shards", "train shard seq",
             "train shard MB", "prepare s", "CPU s", "tokens/CPU-s", "loader tokens/s")  # fmt: skip
     print("| " + " | ".join(head) + " |")
