@@ -14,7 +14,7 @@ from collections import defaultdict
 import pytest
 
 from scale_hyper.config.schema import DataConfig
-from scale_hyper.data import ensure_prepared, prepare, sources
+from scale_hyper.data import ensure_prepared, prepare, sources, train_loader
 from scale_hyper.data.slices import PrepareError
 
 SMALL = dict(vocab_size=512, seq_len=64, num_workers=0, prepare_workers=1, tokenizer_train_chars=300_000)
@@ -75,7 +75,7 @@ def test_small_and_large_files_mixed(tmp_path):
     assert all(s["bytes"] <= 8192 for s in plan if s["kind"] == "files")
     assert [d for s in plan for d in sources.slice_documents(cfg, s)] == want
     m = ensure_prepared(cfg, seed=1)
-    assert m["slice_files"] == [s["files"] for s in plan]
+    assert m["slice_files"] == [s["files"] for s in plan] and m["loader_deal"] == "sequences"
     for split in ("train", "val"):  # full shards but the last of each slice
         for sizes_of_slice in _shards_by_slice(m, split).values():
             assert all(n == 64 for n in sizes_of_slice[:-1]) and 0 < sizes_of_slice[-1] <= 64
@@ -129,3 +129,55 @@ def test_previous_layout_finished_loads_unfinished_is_refused(tmp_path):
     plan_path.write_text(json.dumps(plan))
     with pytest.raises(PrepareError, match=r"plan version 1.*`rm -r .*/d && scale-hyper prepare CONFIG`"):
         ensure_prepared(dataclasses.replace(cfg), seed=1)
+
+
+# --- the loader over shards full but the last of each slice --------------------------------------
+
+# 3 "slices" of 16-sequence shards whose last shard is short, as prepare writes them
+SLICED = [16, 16, 16, 3, 16, 16, 5, 16, 16, 16, 16, 2]
+
+
+def _sliced(out, deal=True):
+    from test_data_loader import _synthetic
+
+    manifest = _synthetic(out, SLICED)
+    if deal:  # what prepare's merge writes (test_small_and_large_files_mixed checks it does)
+        path = os.path.join(out, "manifest.json")
+        doc = json.loads(open(path).read())
+        doc["loader_deal"] = "sequences"
+        open(path, "w").write(json.dumps(doc))
+        from scale_hyper.data import load_manifest
+
+        manifest = load_manifest(str(out))
+    return manifest
+
+
+@pytest.mark.parametrize("layouts, takes", [([(2, 4, 2)], [None]), ([(2, 4), (3, 4)], [5, None])],
+                         ids=["2 ranks x 2 workers", "resumed 2 -> 3 ranks"])  # fmt: skip
+def test_loader_cuts_unequal_shards_by_sequences(tmp_path, layouts, takes):
+    """Every slot gets the same share: an epoch reads each sequence at most once and leaves fewer than
+    R × W × B; whole shards dealt round-robin (earlier manifests) leave much more over."""
+    from test_data_loader import _cfg, _read_epoch0
+
+    total = sum(SLICED)
+    read = _read_epoch0(_cfg(tmp_path / "d"), _sliced(tmp_path / "d"), layouts, takes)
+    world, batch, workers = (*layouts[-1], 1)[:3]
+    assert len(read) == len(set(read)), "a sequence was read twice in one epoch"
+    assert total - len(read) < world * max(1, workers) * batch
+    if len(layouts) == 1:
+        old = _read_epoch0(_cfg(tmp_path / "rr"), _sliced(tmp_path / "rr", deal=False), layouts, takes)
+        assert len(old) < len(read), (len(old), len(read))  # measured: 128 against 144 of 154
+
+
+def test_loader_over_unequal_shards_resumes_exactly(tmp_path):
+    from test_data_loader import _cfg, _same, _take
+
+    manifest = _sliced(tmp_path / "d")
+    cfg = _cfg(tmp_path / "d", num_workers=2)
+    for rank in range(2):
+        full = _take(train_loader(cfg, manifest, seed=2, rank=rank, world_size=2, micro_batch_size=4), 17)
+        first = train_loader(cfg, manifest, seed=2, rank=rank, world_size=2, micro_batch_size=4)
+        head = _take(first, 7)
+        resumed = train_loader(cfg, manifest, seed=2, rank=rank, world_size=2, micro_batch_size=4,
+                               state=first.state_dict())  # fmt: skip
+        assert _same(head + _take(resumed, 10), full)

@@ -81,6 +81,7 @@ def merge(data_cfg, plan: Dict[str, Any]) -> Dict[str, Any]:
     manifest["slices"] = len(plan["slices"])  # added field: how many slices the shards came from
     # added field: how many input files each slice held (None: a block of a document stream)
     manifest["slice_files"] = slice_files(plan)
+    manifest["loader_deal"] = shardlib.DEAL_BY_SEQUENCES  # added field: shards of unequal size (shards.py)
     out = data_cfg.output
     storage.write_bytes(storage.join(out, shardlib.MANIFEST), shardlib.manifest_bytes(manifest), data_cfg.allow_pipe)
     return shardlib.load_manifest(out, data_cfg.allow_pipe)  # type: ignore[return-value]
