@@ -5,7 +5,8 @@ from a fixed seed, the corpus repeated as often as needed) and written once more
 large ``.txt``. Both are prepared with this config (``data.tokenizer_train_chars`` capped at
 ``TOKENIZER_CHARS``: the tokenizer is not what is measured). For each: slices, input files per
 slice, training and validation shards (count, sequences and bytes), prepare time (wall and CPU) and
-the masked tokens/s of one loader worker over the result (``bench data``'s pipeline, in-process).
+the masked tokens per second and per CPU-second of one loader worker over the result (``bench
+data``'s pipeline, in-process).
 The small-file corpus is prepared a second time as 4 tasks; the two outputs must be byte-identical.
 """
 
@@ -94,10 +95,13 @@ def _shards(manifest: Dict[str, Any], split: str) -> Dict[str, float]:
 
 def _prepare(cfg, seed: int, tasks: int = 1) -> Dict[str, Any]:
     t0, c0 = time.perf_counter(), cpu_seconds()
+    preplib.get_plan(cfg, seed, create=True)  # timed apart: listing the files, training the tokenizer
+    plan_s = time.perf_counter() - t0
     manifest: Dict[str, Any] = {}
     for task in range(tasks):  # one after another: the last to finish merges, as on a cluster
         manifest = preplib.prepare(cfg, seed, task=task, tasks=tasks) or manifest
-    return {"manifest": manifest, "seconds": time.perf_counter() - t0, "cpu_seconds": cpu_seconds() - c0}
+    return {"manifest": manifest, "plan_seconds": plan_s, "seconds": time.perf_counter() - t0,
+            "cpu_seconds": cpu_seconds() - c0}  # fmt: skip
 
 
 def measure(data_cfg, files: int, seed: int = 1234, micro_batch_size: int = 32, seconds: float = 3.0,
@@ -124,7 +128,8 @@ def measure(data_cfg, files: int, seed: int = 1234, micro_batch_size: int = 32, 
                      train=_shards(m, "train"), val=_shards(m, "val"),
                      full_shards=math.ceil(m["splits"]["train"]["sequences"] / cfg.sequences_per_shard))  # fmt: skip
             if tasks == 1:
-                r["loader_tokens_per_s"] = benchdata.loader_tokens_per_s(cfg, m, micro_batch_size, seconds)
+                wall, cpu = benchdata.loader_tokens_per_s(cfg, m, micro_batch_size, seconds)
+                r.update(loader_tokens_per_s=wall, loader_tokens_per_cpu_s=cpu)
             out[name] = r
         out["identical"] = out["small"]["digest"] == out["small_4_tasks"]["digest"]
     return out
@@ -138,7 +143,7 @@ def main(cfg, files: int) -> int:
           f"{os.cpu_count()} CPU cores here, load average {os.getloadavg()[0]:.1f}")  # fmt: skip
     r = measure(d, files, seed=cfg.train.seed, micro_batch_size=cfg.train.micro_batch_size)
     head = ("corpus", "slices", "files/slice", "train shards", "ceil(seq/per)", "val shards", "train shard seq",
-            "train shard MB", "prepare s", "CPU s", "tokens/CPU-s", "loader tokens/s")  # fmt: skip
+            "train shard MB", "prepare s (plan)", "CPU s", "tokens/CPU-s", "loader tokens/s", "per CPU-s")  # fmt: skip
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for name in ("small", "large", "small_4_tasks"):
@@ -148,9 +153,10 @@ def main(cfg, files: int) -> int:
         row = [name.replace("_", " "), f"{x['slices']:,}", f"{min(per):,}–{max(per):,}" if per else "–",
                f"{t['shards']:,}", f"{x['full_shards']:,}", f"{v['shards']:,}",
                f"{t['seq_min']:,}–{t['seq_max']:,} (median {t['seq_median']:,.0f})",
-               f"{t['bytes_min'] / 1e6:.2f}–{t['bytes_max'] / 1e6:.2f}", f"{x['seconds']:.1f}",
-               f"{x['cpu_seconds']:.1f}", f"{x['tokens'] / max(x['cpu_seconds'], 1e-9) / 1e6:.2f}M",
-               f"{x['loader_tokens_per_s'] / 1e6:.2f}M" if "loader_tokens_per_s" in x else "–"]  # fmt: skip
+               f"{t['bytes_min'] / 1e6:.2f}–{t['bytes_max'] / 1e6:.2f}",
+               f"{x['seconds']:.1f} ({x['plan_seconds']:.1f})", f"{x['cpu_seconds']:.1f}",
+               f"{x['tokens'] / max(x['cpu_seconds'], 1e-9) / 1e6:.2f}M",
+               *[f"{x[k] / 1e6:.2f}M" if k in x else "–" for k in ("loader_tokens_per_s", "loader_tokens_per_cpu_s")]]  # fmt: skip
         print("| " + " | ".join(row) + " |")
     print(f"1 task and 4 tasks wrote the same bytes: {'yes' if r['identical'] else 'NO'}")
     return 0 if r["identical"] else 1

@@ -25,7 +25,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 OUT = Path(__file__).with_name("sweep_clock.json")
-QUIET_S, SLOW_S = 0.5, 1.5
+QUIET_S, SLOW_S = 1.0, 3.0
 SLOWED = ["hyperbert-tiny_s2", "bert-tiny_s3"]
 KEYS = ("step", "val_loss", "loss", "tokens_per_s", "tokens_seen")
 
