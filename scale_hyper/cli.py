@@ -108,6 +108,10 @@ def _bench(args: argparse.Namespace) -> int:
         from scale_hyper.bench import prepare
 
         return prepare.main(run)
+    if args.what == "checkpoint":
+        from scale_hyper.bench import checkpoint
+
+        return checkpoint.main(run, args.size_mb)
     from scale_hyper.bench import train
 
     return train.main(run)
@@ -208,7 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="universal: output directory (default: CHECKPOINT_universal)")
     p.add_argument("--sizes-only", action="store_true", help="verify: file sizes only, no checksums (fast)")
     p = verb("bench", _bench, "benchmarks that print figures")
-    p.add_argument("what", choices=["data", "prepare", "train"])
+    p.add_argument("what", choices=["data", "prepare", "train", "checkpoint"])
+    p.add_argument("--size-mb", type=int, default=1024, metavar="N",
+                   help="checkpoint: MiB of files to write and verify under train.output_dir (default 1024)")  # fmt: skip
     _with_configs(p)
     p = verb("eval", _eval, "MLM loss, perplexity and accuracy on validation shards")
     p.add_argument("model", help="checkpoint (runs/x/checkpoints/step_N), run output_dir, or Hugging Face directory")
