@@ -90,9 +90,9 @@ def _export(args: argparse.Namespace) -> int:
 
 def _checkpoint(args: argparse.Namespace) -> int:
     if args.action == "verify":  # no torch, no DeepSpeed: only the files and their manifests
-        from scale_hyper.runs import manifest
+        from scale_hyper.runs import verify_report
 
-        return manifest.report(args.checkpoint, "sizes" if args.sizes_only else "full")
+        return verify_report.main(args.checkpoint, "sizes" if args.sizes_only else "full")
     from scale_hyper.engine import checkpointer
 
     return checkpointer.main(args.action, args.checkpoint, args.out)

@@ -198,9 +198,14 @@ def test_a_checkpoint_saved_before_manifests_still_resumes_exactly_with_one_warn
     assert all(again[k].equal(base["weights"][k]) for k in base["weights"])
 
 
-def test_marker_and_manifest_are_checked_too(base):
+def test_marker_and_manifest_are_checked_too(base, tmp_path):
+    from test_cli_imports import assert_light, imported
+
     out = copy_of(base, "marker")
     ckpt = out / "checkpoints" / "step_4"
+    modules, printed = imported(tmp_path, "checkpoint", "verify", str(ckpt))  # no torch, DeepSpeed, MLflow
+    assert_light(modules)
+    assert re.search(r"step_4\s+intact", printed), printed
     assert manifest.verify(ckpt).status == manifest.INTACT
     state = json.loads((ckpt / runs.MARKER).read_text())
     state["step"] = 5  # still valid JSON, another value

@@ -16,8 +16,9 @@ every platform): ~4.5 GB/s on one core here, faster than the storage it reads, s
 about what reading the files costs; 64 bits are ample to detect damage. A manifest detects damage,
 not tampering: whoever can rewrite the files can rewrite it too (docs/engine.md on untrusted checkpoints).
 
-Readers without DeepSpeed (export, eval, GLUE, transplant, ``train.init_from``, ``checkpoint
-universal|verify``) go through ``find_intact``; the trainer's resume uses ``verify`` on every rank.
+Readers (export, eval, GLUE, transplant, ``train.init_from``, ``checkpoint universal``) go through
+``find_intact``; the trainer's resume (``engine/resume.py``) runs ``verify`` on every rank;
+``checkpoint verify`` prints it (``verify_report``).
 """
 
 from __future__ import annotations
@@ -33,16 +34,13 @@ from typing import Any, Callable, Dict, List, Sequence, Tuple
 
 import xxhash
 
-from scale_hyper.runs.disk import human_bytes
 from scale_hyper.runs.layout import (
     MARKER,
-    SET_ASIDE,
     PathLike,
     RunDir,
     complete_checkpoints,
     find_checkpoint,
     is_checkpoint,
-    set_aside_checkpoints,
 )
 
 ALGORITHM = "xxh3_64"
@@ -174,9 +172,10 @@ class Verdict:
         return self.problems[0] + (f" (and {more} more problem{'s' * (more > 1)})" if more else "")
 
 
-def _owner(entry: Dict[str, Any], index: int, world: int) -> int:
-    """Which rank of the checking world re-reads a file: the one that wrote it, when the world matches."""
-    return int(entry.get("rank", index)) % world
+def _owner(entry: Dict[str, Any], index: int, world: int, by_writer: bool) -> int:
+    """Which rank of the checking world re-reads a file: the one that wrote it when the checkpoint was
+    saved by as many ranks (its files may still be in that node's page cache), else every world-th."""
+    return int(entry.get("rank", index)) % world if by_writer else index % world
 
 
 def verify(ckpt: PathLike, mode: str = "full", share: Tuple[int, int] = (0, 1)) -> Verdict:
@@ -209,6 +208,7 @@ def verify(ckpt: PathLike, mode: str = "full", share: Tuple[int, int] = (0, 1)) 
     if manifest.get("algorithm") != ALGORITHM:
         problems.append(f"{MANIFEST} uses checksum {manifest.get('algorithm')!r}, this version reads {ALGORITHM}")
     files: Dict[str, Dict[str, Any]] = manifest.get("files", {})
+    by_writer = manifest.get("world_size") == share[1] and not state.get("universal")
     total = 0
     for index, (rel, entry) in enumerate(sorted(files.items())):
         try:
@@ -217,13 +217,15 @@ def verify(ckpt: PathLike, mode: str = "full", share: Tuple[int, int] = (0, 1)) 
             problems.append(f"{rel} is missing")
             continue
         total += size
-        if size != entry["size"]:
-            problems.append(f"{rel} is {size:,} bytes, the manifest says {entry['size']:,}")
-        elif mode == "full" and _owner(entry, index, share[1]) == share[0]:
+        expected, recorded = entry.get("size"), entry.get(ALGORITHM)
+        if size != expected:
+            problems.append(f"{rel} is {size:,} bytes, the manifest says {expected:,}" if isinstance(expected, int)
+                            else f"{rel} has no size in the manifest")  # fmt: skip
+        elif mode == "full" and _owner(entry, index, share[1], by_writer) == share[0]:
             actual = checksum_file(ckpt / rel)
-            if actual != entry[ALGORITHM]:
+            if actual != recorded:
                 problems.append(
-                    f"{rel} has {ALGORITHM} {actual}, the manifest says {entry[ALGORITHM]} (same size: bytes changed)"
+                    f"{rel} has {ALGORITHM} {actual}, the manifest says {recorded} (same size: bytes changed)"
                 )
     return Verdict(ckpt, DAMAGED if problems else INTACT, problems, len(files), total)
 
@@ -265,6 +267,7 @@ def damaged_error(verdict: Verdict) -> DamagedCheckpointError:
 
 
 _verified: Dict[Tuple[str, str, int], Verdict] = {}
+_warned: set = set()
 
 
 def _verify_once(ckpt: Path, mode: str) -> Verdict:
@@ -299,7 +302,10 @@ def find_intact(path: PathLike, mode: str = "full", warn: Callable[[str], None] 
         verdict = _verify_once(ckpt, mode)
         if verdict.usable:
             for bad in damaged:
-                warn(f"checkpoint {bad.ckpt} is damaged: {bad.what()} — using {ckpt} instead")
+                line = f"checkpoint {bad.ckpt} is damaged: {bad.what()} — using {ckpt} instead"
+                if line not in _warned:  # said once per process, however often the source is resolved
+                    _warned.add(line)
+                    warn(line)
             return ckpt
         damaged.append(verdict)
     raise DamagedCheckpointError(
@@ -336,39 +342,3 @@ def prunable(checkpoints: Sequence[Path], keep: int) -> List[Path]:
             doomed.remove(ckpt)
             break
     return doomed
-
-
-def _listed(path: Path) -> List[Path]:
-    """What ``checkpoint verify PATH`` checks: a checkpoint, or every one of a run or save directory
-    (those set aside by a resume included), oldest step first."""
-    if is_checkpoint(path):
-        return [path]
-    for save_dir in (path, RunDir(path).checkpoints):
-        found = complete_checkpoints(save_dir) + set_aside_checkpoints(save_dir)
-        if found:
-            return sorted(found, key=lambda d: (int(d.name.split("_")[1].split(".")[0]), d.name))
-    find_checkpoint(path)  # raises NoCheckpointError naming what was looked for
-    return []
-
-
-def report(path: PathLike, mode: str = "full", out: Callable[[str], None] = print) -> int:
-    """`scale-hyper checkpoint verify PATH|RUN_DIR`: one line per checkpoint (a damaged one: one more line
-    per further problem); 1 when a checkpoint a resume would consider is damaged, else 0."""
-    verdicts = [verify(c, mode) for c in _listed(Path(path))]
-    checked = "sizes and checksums match" if mode == "full" else "sizes match (checksums not read: --sizes-only)"
-    labels = [v.status + (" (set aside)" if SET_ASIDE in v.ckpt.name else "") for v in verdicts]
-    width, label_width = max(len(str(v.ckpt)) for v in verdicts), max(map(len, labels))
-    for v, label in zip(verdicts, labels, strict=True):
-        detail = {
-            INTACT: f"{v.files} files, {human_bytes(v.bytes)}: {checked}",
-            UNVERIFIABLE: "saved before checkpoint manifests existed: it still loads, unverified",
-        }.get(v.status, v.problems[0] if v.problems else "")
-        out(f"{str(v.ckpt):<{width}}  {label:<{label_width}}  {detail}")
-        for problem in v.problems[1:] if v.status == DAMAGED else []:
-            out(f"{'':<{width}}  {'':<{label_width}}  {problem}")
-    live = [v for v in verdicts if SET_ASIDE not in v.ckpt.name]
-    counts = {s: sum(v.status == s for v in verdicts) for s in (INTACT, DAMAGED, UNVERIFIABLE)}
-    newest = next((v.ckpt for v in reversed(live) if v.usable), None)
-    out(f"{len(verdicts)} checkpoint(s): {counts[INTACT]} intact, {counts[DAMAGED]} damaged, "
-        f"{counts[UNVERIFIABLE]} unverifiable; newest loadable: {newest or 'none'}")  # fmt: skip
-    return 1 if any(v.status == DAMAGED for v in live) else 0
