@@ -40,7 +40,7 @@ def main(source: str, out: str, configs: Sequence[str] = ()) -> int:
     ignored = [c for c in configs if not c.startswith("train.verify_checkpoint=")]
     if ignored:
         print("scale-hyper: export takes the config stored in the checkpoint; extra arguments ignored "
-              "(but train.verify_checkpoint)", file=sys.stderr)  # fmt: skip
+              "(train.verify_checkpoint excepted)", file=sys.stderr)  # fmt: skip
     path = export_checkpoint(ckpt, Path(out))
     print(f"exported {ckpt} -> {path}")
     return 0
