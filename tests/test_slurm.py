@@ -429,6 +429,7 @@ def rank_pid(job_id: str, rank: int) -> int:
 
 
 @pytest.mark.slow
+@pytest.mark.slurm
 def test_a_stopped_rank_of_4_is_named_by_every_live_rank_and_the_job_requeues_and_finishes(submit, shards, tmp_path):
     """SIGSTOP of rank 2 of 4 (2 nodes x 2 tasks; what a hung GPU or a swapped-out node looks like):
     rank 0 decides from the heartbeats, ranks 1 and 3 print its verdict too, all exit 5, srun ends the
