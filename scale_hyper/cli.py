@@ -79,7 +79,18 @@ def _prepare(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     from scale_hyper.engine import train
 
-    return train.main(_run_config(args.configs))
+    code = train.main(_run_config(args.configs))
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Leave without the interpreter's teardown: it destroys gloo's and the rendezvous store's C++
+        # objects in no fixed order across ranks, and a thread still inside one of them aborts the
+        # process after a finished run (seen under srun). atexit handlers (tracker, loader) still run.
+        import atexit
+
+        atexit._run_exitfuncs()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 def _export(args: argparse.Namespace) -> int:

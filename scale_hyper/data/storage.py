@@ -106,9 +106,11 @@ def open_write(url: str, allow_pipe: bool) -> Iterator[IO[bytes]]:
             f.close()
             os.replace(tmp, path)
         except BaseException:
-            f.close()
-            if os.path.exists(tmp):
-                os.remove(tmp)
+            try:
+                f.close()  # flushes the buffer: raises again on a full disk, so the removal is in finally
+            finally:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
             raise
     elif is_s3(url):
         with s3.open_write(url) as w:

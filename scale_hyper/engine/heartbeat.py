@@ -100,6 +100,7 @@ class Heartbeats:
         self._verdict: Optional[dict] = None
         self._lock, self._stop, self._acted = threading.Lock(), threading.Event(), False
         self._store: Any = None
+        self._threads: List[threading.Thread] = []
 
     @staticmethod
     def _key(rank: int) -> str:
@@ -118,8 +119,12 @@ class Heartbeats:
         now = time.monotonic()
         self._seen = {r: [-1.0, now] for r in self.watched}
         judge_store = default.clone()
-        threading.Thread(target=self._beat, name="scale-hyper-heartbeat", daemon=True).start()
-        threading.Thread(target=self._judge, args=(judge_store,), name="scale-hyper-hang-judge", daemon=True).start()
+        self._threads = [
+            threading.Thread(target=self._beat, name="scale-hyper-heartbeat", daemon=True),
+            threading.Thread(target=self._judge, args=(judge_store,), name="scale-hyper-hang-judge", daemon=True),
+        ]
+        for thread in self._threads:
+            thread.start()
         return self
 
     def follow(self, step: Callable[[], Any]) -> None:
@@ -132,6 +137,11 @@ class Heartbeats:
             return
         self._stop.set()
         _bounded(lambda: self._store.add(self._key(self.rank), _DONE), self.t.interval_s, None)
+        # Joined, not left to the interpreter's exit: a daemon thread still inside a store call when
+        # Python finalizes is unwound through C++ and aborts the process ("terminate called without an
+        # active exception") after a successful run.
+        for thread in self._threads:
+            thread.join(self.t.interval_s)
 
     # --- the beat thread: the only one that waits on the store in a loop ------------------------------
 
