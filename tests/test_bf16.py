@@ -4,7 +4,7 @@ since precision=auto picks bf16 on every GPU.
 Four trainings feed every assertion:
 
 * ZeRO-3, the full chain — A trains 6 steps (checkpoints at 3 and 6); B resumes A's step 3 into
-  its own directory and must reproduce A's losses bit for bit; A's end-of-run export, ``scale-hyper
+  its own directory and must reproduce A's losses of steps 4 and 5 bit for bit; A's end-of-run export, ``scale-hyper
   export`` of the run directory, ``eval`` of checkpoint and export, ``checkpoint universal``, the
   export of the universal copy and DeepSpeed's own ``zero_to_fp32.py`` all give A's live fp32
   masters exactly (torch.equal), not their bf16 copies.
@@ -52,8 +52,8 @@ def wd(tmp_path_factory):
     wd = prepare_shards(tmp_path_factory.mktemp("bf16"), COMMON)
     out = {
         "A": train(wd, "A", "deepspeed.zero_stage=3", "train.max_steps=6", "train.save_every=3"),
-        "B": train(wd, "B", "deepspeed.zero_stage=3", "train.max_steps=6", "train.save_every=3",
-                   f"train.resume={wd}/A/checkpoints/step_3"),
+        "B": train(wd, "B", "deepspeed.zero_stage=3", "train.max_steps=6", "train.stop_after_steps=2",
+                   f"train.resume={wd}/A/checkpoints/step_3"),  # steps 4 and 5, then a checkpoint
         "C": train(wd, "C", "deepspeed.zero_stage=2", "train.max_steps=3", f"train.init_from={wd}/A"),
         "D": train(wd, "D", "deepspeed.zero_stage=1", "train.max_steps=3"),
     }  # fmt: skip
@@ -83,8 +83,7 @@ def assert_is_masters(weights: dict, live: dict) -> None:
 
 
 def test_zero3_bf16_trains_resumes_bit_exact_and_exports_the_masters(wd):
-    for name in "AB":
-        assert "training finished" in stdout(wd, name) and "bf16" in stdout(wd, name)
+    assert "training finished" in stdout(wd, "A") and "ZeRO-3, bf16" in stdout(wd, "A")
     assert "resumed from" in stdout(wd, "B") and "step_3" in stdout(wd, "B")
     step6 = wd / "A" / "checkpoints" / "step_6"
     names = {p.name for p in step6.iterdir()}
@@ -92,11 +91,9 @@ def test_zero3_bf16_trains_resumes_bit_exact_and_exports_the_masters(wd):
     layout = ds_files.detect(step6)
     assert (layout.kind, layout.stage, layout.precision, layout.ranks) == ("zero", 3, "bf16", 2)
     a, b = losses(wd / "A"), losses(wd / "B")
-    assert sorted(a) == list(range(1, 7)) and sorted(b) == [4, 5, 6]
-    assert [a[s] for s in (4, 5, 6)] == [b[s] for s in (4, 5, 6)]  # bit-identical after a bf16 resume
+    assert sorted(a) == list(range(1, 7)) and sorted(b) == [4, 5]
+    assert [a[s] for s in (4, 5)] == [b[s] for s in (4, 5)]  # bit-identical after a bf16 resume
     assert_is_masters(load_file(wd / "A" / "hf" / "model.safetensors"), masters(wd, "A"))
-    assert_is_masters(load_file(wd / "B" / "hf" / "model.safetensors"), masters(wd, "B"))
-    assert all(torch.equal(v, masters(wd, "B")[k]) for k, v in masters(wd, "A").items())
 
 
 def test_export_cli_and_eval_read_the_bf16_checkpoint(wd, capsys):
