@@ -116,26 +116,36 @@ def test_the_dispatch_check_sees_every_data_dependent_shape():
 @pytest.mark.parametrize("mixer", ["hyperbert", "bert", "hypermixer", "hyla"])
 def test_a_plain_step_has_no_data_dependent_shape_in_process(mixer):
     """Forward, backward and AdamW of each mixer on a loader batch (no DeepSpeed: fast, and the model's
-    own code only). Without the loader's mlm_positions, the model finds them itself: seen."""
+    own code only). Without the loader's mlm_positions, the model finds them itself: seen — with the
+    same loss, bit for bit; a Hugging Face caller's dense logits with plain labels give it too."""
     from scale_hyper.config import load_config
     from scale_hyper.data.loader import to_batch
     from scale_hyper.data.masking import Masker, stream_key
     from scale_hyper.models import build_model
 
-    model = build_model(load_config(["model.vocab_size=512", "model.num_layers=2", f"model.mixer={mixer}"]).model)
+    geometry = ["model.vocab_size=512", "model.num_layers=2", "model.dropout=0.0", f"model.mixer={mixer}"]
+    model = build_model(load_config(geometry).model)
     optimizer = torch.optim.AdamW(model.parameters())
     ids = np.random.default_rng(0).integers(5, 512, size=(4, 64)).astype(np.uint16)
     ids[:, 0], ids[-1, 40:] = 2, 0  # [CLS], and padding: the attention mask is in play
     batch = to_batch(Masker(512, range(5), 4)(ids, np.arange(4), stream_key(0, 0)), ids, pad_id=0)
 
     def step(**inputs):
-        model(**inputs, sparse_logits=True).loss.backward()
+        loss = model(**inputs, sparse_logits=True).loss
+        loss.backward()
         optimizer.step()
         optimizer.zero_grad()
+        return loss.detach()
 
     with DataDependentShapes() as seen:
         step(**batch)
     assert seen.ops.pop("ops seen") > 100 and dict(seen.ops) == {}
+    without_positions = {k: v for k, v in batch.items() if not k.startswith("mlm_")}
     with DataDependentShapes() as seen:
-        step(**{k: v for k, v in batch.items() if not k.startswith("mlm_")})
+        step(**without_positions)
     assert [op.split()[-1] for op in seen.ops if op != "ops seen"] == ["aten.nonzero.default"]
+    with torch.no_grad():
+        ours, fallback = model(**batch).loss, model(**without_positions, sparse_logits=True).loss
+        dense = model(batch["input_ids"], batch["attention_mask"], labels=batch["labels"]).loss
+    assert torch.equal(ours, fallback)
+    torch.testing.assert_close(ours, dense)

@@ -97,6 +97,7 @@ class _Audit:
         self.prefix, self.step = prefix, -1
         self.counts: Dict[int, Counter] = defaultdict(Counter)
         self.shapes: Dict[int, Counter] = defaultdict(Counter)
+        self.mode: Optional[DataDependentShapes] = None
 
     def site(self) -> Optional[str]:
         return _site(2)
@@ -138,12 +139,15 @@ def install_if_requested() -> None:
     for name in _COLLECTIVES:
         if hasattr(dist, name):
             setattr(dist, name, audit.wrap(getattr(dist, name), f"dist.{name}"))
-    # For the rest of the process, on this (the training) thread: every op passes through the mode.
-    DataDependentShapes(when=lambda: audit.shapes[audit.step] if audit.step >= 0 else Counter()).__enter__()
+    audit.mode = DataDependentShapes(when=lambda: audit.shapes[audit.step])
     atexit.register(audit.write)
 
 
 def mark_step(step: int) -> None:
     """Called once per optimizer step, right after it is counted (watchdog.count_update)."""
     if _active is not None:
+        if _active.step < 0 and _active.mode is not None:
+            # From the first counted step on, for the rest of the process, on this (the training) thread:
+            # every op passes through the mode (not before: set-up would pay its per-op cost for nothing).
+            _active.mode.__enter__()
         _active.step = step
