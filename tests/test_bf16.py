@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from launch import prepare_shards, run_ranks, scale_hyper
+from launch import prepare_shards, scale_hyper, start_ranks
 from safetensors.torch import load_file
 
 from scale_hyper.runs import ds_files
@@ -39,24 +39,35 @@ COMMON = [
 ]  # fmt: skip
 
 
-def train(wd: Path, name: str, *extra: str) -> str:
+def start(wd: Path, name: str, *extra: str) -> list:
     args = scale_hyper("train", *COMMON, f"data.output={wd}/shards", f"train.output_dir={wd}/{name}", *extra)
-    procs = run_ranks(args, 2, wd, extra_env={"SCALE_HYPER_TEST_DUMP_MASTERS": str(wd / f"{name}-masters.pt")})
-    for p in procs:
-        assert p.returncode == 0, p.stdout[-6000:]
-    return procs[0].stdout
+    return start_ranks(args, 2, wd, extra_env={"SCALE_HYPER_TEST_DUMP_MASTERS": str(wd / f"{name}-masters.pt")})
+
+
+def finish(procs: list) -> str:
+    outs = [p.communicate(timeout=900)[0] for p in procs]
+    for p, out in zip(procs, outs, strict=True):
+        assert p.returncode == 0, out[-6000:]
+    return outs[0]
 
 
 @pytest.fixture(scope="module")
 def wd(tmp_path_factory):
+    """Two trainings at a time (4 processes): what they wait for overlaps; A's step 3 is all B and C need."""
     wd = prepare_shards(tmp_path_factory.mktemp("bf16"), COMMON)
-    out = {
-        "A": train(wd, "A", "deepspeed.zero_stage=3", "train.max_steps=6", "train.save_every=3"),
-        "B": train(wd, "B", "deepspeed.zero_stage=3", "train.max_steps=6", "train.stop_after_steps=2",
-                   f"train.resume={wd}/A/checkpoints/step_3"),  # steps 4 and 5, then a checkpoint
-        "C": train(wd, "C", "deepspeed.zero_stage=2", "train.max_steps=3", f"train.init_from={wd}/A"),
-        "D": train(wd, "D", "deepspeed.zero_stage=1", "train.max_steps=3"),
-    }  # fmt: skip
+    a = start(wd, "A", "deepspeed.zero_stage=3", "train.max_steps=6", "train.save_every=3")
+    d = start(wd, "D", "deepspeed.zero_stage=1", "train.max_steps=3")
+    out = {"A": finish(a), "D": finish(d)}
+    b = start(
+        wd,
+        "B",
+        "deepspeed.zero_stage=3",
+        "train.max_steps=6",
+        "train.stop_after_steps=2",
+        f"train.resume={wd}/A/checkpoints/step_3",
+    )  # steps 4 and 5, then a checkpoint
+    c = start(wd, "C", "deepspeed.zero_stage=2", "train.max_steps=3", f"train.init_from={wd}/A")
+    out.update(B=finish(b), C=finish(c))
     (wd / "stdout.json").write_text(json.dumps(out))
     return wd
 
