@@ -78,7 +78,8 @@ def detect(ckpt: PathLike) -> Layout:
     if not model_files:
         raise LayoutError(
             f"{ckpt} holds no DeepSpeed model states ({MODEL_STATES} or zero_pp_rank_R_mp_rank_00_model_states.pt); "
-            f"found: {', '.join(sorted(names)) or 'nothing'}"
+            f"found: {', '.join(sorted(names)) or 'nothing'} — a checkpoint copied without its DeepSpeed files? "
+            "Copy the whole step directory, or pass another checkpoint"
         )
     states = _load(model_files[0])
     precision = _module_precision(states, model_files[0])
