@@ -1,15 +1,20 @@
 """The training hot path on 2 real CPU ranks: a plain optimizer step makes no device→host sync and no
-collective of ours (counted by call site with scale_hyper/engine/sync_audit.py), and the guard
-refuses a whole optimizer step with a non-finite gradient — in fp32 and bf16 — without advancing
-the LR schedule, then stops after train.max_bad_steps refused steps in a row."""
+collective of ours (counted by call site with scale_hyper/engine/sync_audit.py), runs no op whose
+output shape depends on the data (seen at the dispatcher), and the guard refuses a whole optimizer
+step with a non-finite gradient — in fp32 and bf16 — without advancing the LR schedule, then stops
+after train.max_bad_steps refused steps in a row."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 from launch import prepare_shards, run_ranks, scale_hyper
+
+from scale_hyper.engine.sync_audit import DataDependentShapes
 
 pytestmark = pytest.mark.slow
 
@@ -52,6 +57,12 @@ def test_plain_steps_make_no_sync_or_collective_of_ours(shards, zero):
             assert any(s.startswith("deepspeed/") for s in sites), "the audit sees DeepSpeed's calls too"
         # A logging step does sync (the window's loss all-reduce): the audit can tell.
         assert any(s.startswith("scale_hyper/") for s in steps["4"])
+        # At the dispatcher: no op whose output shape depends on the data (nonzero, boolean-mask
+        # indexing, masked_select, unique, …: each an implicit sync), ours, DeepSpeed's or torch's.
+        shapes = json.loads((shards / f"audit-z{zero}.rank{rank}.json").read_text())["shapes"]
+        for k in plain:
+            assert shapes[k].pop("ops seen") > 100, "the dispatch mode saw the step"
+            assert shapes[k] == {}, (k, shapes[k])
 
 
 @pytest.mark.parametrize("zero,precision", [(0, "fp32"), (2, "bf16"), (1, "fp32")])
@@ -81,3 +92,60 @@ def test_refused_steps_in_a_row_stop_with_a_checkpoint(shards):
     assert "2 optimizer steps in a row had non-finite gradients (step 4)" in procs[0].stdout
     state = json.loads((out / "checkpoints" / "step_4" / "trainer_state.json").read_text())
     assert state["skipped"] == 2 and state["bad_in_row"] == 2
+
+
+def test_the_dispatch_check_sees_every_data_dependent_shape():
+    x = torch.randn(16)
+    mask = x > 0
+    with DataDependentShapes() as seen:
+        (
+            x[torch.arange(3)],
+            x.index_select(0, torch.arange(3)),
+            torch.nonzero_static(mask, size=16),
+            x.masked_fill(mask, 0),
+        )
+    assert set(seen.ops) == {"ops seen"}  # static shapes: not flagged
+    with DataDependentShapes() as seen:
+        x[mask], x.masked_select(mask), torch.unique(x), torch.where(mask)
+        x[mask] = 0.0
+    ops = " ".join(seen.ops)
+    for op in ("aten.index.Tensor", "aten.masked_select", "aten._unique2", "aten.nonzero", "aten.index_put_"):
+        assert op in ops, (op, ops)
+
+
+@pytest.mark.parametrize("mixer", ["hyperbert", "bert", "hypermixer", "hyla"])
+def test_a_plain_step_has_no_data_dependent_shape_in_process(mixer):
+    """Forward, backward and AdamW of each mixer on a loader batch (no DeepSpeed: fast, and the model's
+    own code only). Without the loader's mlm_positions, the model finds them itself: seen — with the
+    same loss, bit for bit; a Hugging Face caller's dense logits with plain labels give it too."""
+    from scale_hyper.config import load_config
+    from scale_hyper.data.loader import to_batch
+    from scale_hyper.data.masking import Masker, stream_key
+    from scale_hyper.models import build_model
+
+    geometry = ["model.vocab_size=512", "model.num_layers=2", "model.dropout=0.0", f"model.mixer={mixer}"]
+    model = build_model(load_config(geometry).model)
+    optimizer = torch.optim.AdamW(model.parameters())
+    ids = np.random.default_rng(0).integers(5, 512, size=(4, 64)).astype(np.uint16)
+    ids[:, 0], ids[-1, 40:] = 2, 0  # [CLS], and padding: the attention mask is in play
+    batch = to_batch(Masker(512, range(5), 4)(ids, np.arange(4), stream_key(0, 0)), ids, pad_id=0)
+
+    def step(**inputs):
+        loss = model(**inputs, sparse_logits=True).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        return loss.detach()
+
+    with DataDependentShapes() as seen:
+        step(**batch)
+    assert seen.ops.pop("ops seen") > 100 and dict(seen.ops) == {}
+    without_positions = {k: v for k, v in batch.items() if not k.startswith("mlm_")}
+    with DataDependentShapes() as seen:
+        step(**without_positions)
+    assert [op.split()[-1] for op in seen.ops if op != "ops seen"] == ["aten.nonzero.default"]
+    with torch.no_grad():
+        ours, fallback = model(**batch).loss, model(**without_positions, sparse_logits=True).loss
+        dense = model(batch["input_ids"], batch["attention_mask"], labels=batch["labels"]).loss
+    assert torch.equal(ours, fallback)
+    torch.testing.assert_close(ours, dense)

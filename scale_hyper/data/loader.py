@@ -254,7 +254,7 @@ def slot_rows(
 
 
 def to_batch(masked: Dict[str, np.ndarray], ids: np.ndarray, pad_id: int) -> Dict[str, torch.Tensor]:
-    batch = {"input_ids": torch.from_numpy(masked["input_ids"]), "labels": torch.from_numpy(masked["labels"])}
+    batch = {k: torch.from_numpy(masked[k]) for k in ("input_ids", "labels", "mlm_positions", "mlm_labels")}
     real = ids != pad_id
     # Packed data has pads only in a split's last sequence. A batch without pads carries no mask, so
     # attention (BERT's, the hypernetwork's) can take SDPA's flash kernel, which accepts no mask.

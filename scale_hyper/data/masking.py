@@ -8,10 +8,17 @@ how many batches came before — which is what makes resume exact and re-splits 
 Of the non-special positions, ``mask_prob`` are selected; of those 80 % become ``[MASK]``, 10 % a
 random non-special token, 10 % stay unchanged. Labels are the original ids at selected positions
 and -100 elsewhere. Special tokens ([PAD] [UNK] [CLS] [SEP] [MASK]) are never selected.
+
+The selected positions also leave here as indices (``mlm_positions``: flat into [B × S], row-major,
+i.e. the order of ``labels[labels != -100]``) with their labels (``mlm_labels``), padded with
+position 0 / label -100 to a count fixed by the batch's shape (``prediction_slots``). The model
+gathers its hidden states there with ``index_select``: no boolean indexing, no ``nonzero``, so no
+device→host sync and no data-dependent shape on the training step.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Dict, Iterable, Tuple
 
 import numpy as np
@@ -61,8 +68,18 @@ class Masker:
         self.t_mask = int(round(mask_prob * replace_prob * scale))
         self.t_rand = int(round(mask_prob * (replace_prob + random_prob) * scale))
 
+    def prediction_slots(self, tokens: int) -> int:
+        """How many predicted positions a batch of ``tokens`` tokens carries: the binomial selection count's
+        mean + 6 standard deviations (exceeded once in ~10^9 batches), rounded up to a multiple of 8. A
+        constant per batch shape, so the LM head's input shape never depends on the data."""
+        p = self.t_sel / float(1 << 24)
+        bound = tokens * p + 6.0 * math.sqrt(tokens * p * (1.0 - p))
+        return _round_up(max(1, math.ceil(bound)), 8)
+
     def __call__(self, ids: np.ndarray, uids: np.ndarray, key: int) -> Dict[str, np.ndarray]:
-        """``ids``: [B, S] uint16/32; ``uids``: [B] global sequence ids. Returns int64 arrays."""
+        """``ids``: [B, S] uint16/32; ``uids``: [B] global sequence ids. Returns int64 arrays: input_ids and
+        labels [B, S], mlm_positions and mlm_labels [prediction_slots(B × S)] (more only in a batch that
+        selected more, so no prediction is ever dropped)."""
         b, s = ids.shape
         pos = uids.astype(_U64)[:, None] * _U64(s) + np.arange(s, dtype=_U64)[None, :]
         with np.errstate(over="ignore"):
@@ -77,7 +94,17 @@ class Masker:
             pick = (h[rand] & _U64(0xFFFFFFFF)).astype(np.int64) % len(self.normal_ids)  # low 32 bits
             out[rand] = self.normal_ids[pick]
         labels = np.where(selected, src, IGNORE_INDEX)
-        return {"input_ids": out, "labels": labels}
+        where = np.flatnonzero(selected)
+        slots = max(self.prediction_slots(b * s), _round_up(len(where), 8))
+        positions = np.zeros(slots, dtype=np.int64)
+        positions[: len(where)] = where
+        mlm_labels = np.full(slots, IGNORE_INDEX, dtype=np.int64)
+        mlm_labels[: len(where)] = src.reshape(-1)[where]
+        return {"input_ids": out, "labels": labels, "mlm_positions": positions, "mlm_labels": mlm_labels}
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
 
 
 def attention_mask(ids: np.ndarray, pad_id: int) -> np.ndarray:

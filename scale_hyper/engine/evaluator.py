@@ -30,7 +30,7 @@ class Evaluator:
             for batch in self.batches:
                 batch = to_device(batch, self.device)
                 logits = self.engine(**batch, sparse_logits=True).logits
-                totals += masked_lm_totals(logits, batch["labels"])
+                totals += masked_lm_totals(logits, batch["mlm_labels"])  # logits at batch["mlm_positions"]
         dist.all_reduce(totals)
         self.engine.train()
         metrics = masked_lm_metrics(totals, strict=False)

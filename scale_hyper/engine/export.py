@@ -7,9 +7,10 @@ installed) and the tokenizer the shards were made with.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from scale_hyper import runs
 from scale_hyper.runs import manifest
@@ -26,6 +27,24 @@ def export_checkpoint(ckpt: Path, out: Path) -> Path:
     model.save_pretrained(out, safe_serialization=True)
     load_tokenizer(run.data).save_pretrained(out)
     return out
+
+
+def dump_masters_if_requested(engine: Any, rank: int) -> None:
+    """Test hook, SCALE_HYPER_TEST_DUMP_MASTERS=PATH (unset in real runs): every rank gathers the live fp32
+    master weights as DeepSpeed hands them out (``safe_get_full_fp32_param``, collective under ZeRO-3;
+    ZeRO-1/2/3 and ZeRO-0 fp32) and rank 0 saves them by name, for tests to compare exports with."""
+    path = os.environ.get("SCALE_HYPER_TEST_DUMP_MASTERS")
+    if not path:
+        return
+    import torch
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    masters = {}
+    for name, p in engine.module.named_parameters():
+        full = safe_get_full_fp32_param(p)
+        masters[name] = (p.detach() if full is None else full).float().cpu().clone()
+    if rank == 0:
+        torch.save(masters, path)
 
 
 def main(source: str, out: str, configs: Sequence[str] = ()) -> int:

@@ -26,6 +26,7 @@ from scale_hyper.engine.residency import keep_resident
 from scale_hyper.engine.state import TrainState
 from scale_hyper.engine.watchdog import guard_plain_optimizer
 from scale_hyper.models.flops import peak_flops, train_flops_per_token
+from scale_hyper.models.params import weight_decay_groups
 
 
 @dataclass
@@ -84,16 +85,12 @@ def build_model(run: RunConfig, info: DistInfo, ckpt: Optional[Path]) -> torch.n
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float, decay_embeddings: bool) -> List[Dict[str, Any]]:
-    """AdamW groups: no decay on norms and biases (nor on embeddings unless configured)."""
-    decay: List[torch.nn.Parameter] = []
-    no_decay: List[torch.nn.Parameter] = []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        is_embedding = "embed" in name or "position" in name
-        skip = p.ndim < 2 or "norm" in name.lower() or (is_embedding and not decay_embeddings)
-        (no_decay if skip else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    """AdamW groups (``models.params.weight_decay_groups``): no decay on norms and biases (nor on embeddings
+    unless configured)."""
+    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    decay, no_decay = weight_decay_groups(((n, p.shape) for n, p in trainable.items()), decay_embeddings)
+    return [{"params": [trainable[n] for n in decay], "weight_decay": weight_decay},
+            {"params": [trainable[n] for n in no_decay], "weight_decay": 0.0}]  # fmt: skip
 
 
 def start_deepspeed(run: RunConfig, info: DistInfo, model: torch.nn.Module, ckpt: Optional[Path]) -> tuple:

@@ -7,6 +7,12 @@ made after optimizer step K was counted (its logging, evaluation, saving, stop c
 micro-batches of step K+1 — so the interval after a step that did none of those is a plain step's.
 Counted: Tensor.item/.tolist/.cpu(), float()/int()/bool() of a tensor, .to("cpu"), and the
 torch.distributed collectives.
+
+Those are explicit calls. ``DataDependentShapes`` sees what they cannot: at the dispatcher (a
+TorchDispatchMode, so also inside torch functions and in backward), every aten op whose output shape
+depends on tensor values — nonzero, boolean-mask indexing and index_put, masked_select, unique,
+bincount, … — each of which makes the host wait for the device. It goes under ``"shapes"`` in the
+same per-step layout (the site is the Python caller; for backward, whoever called backward).
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from typing import Any, Callable, Dict, Optional
 
 import torch
 import torch.distributed as dist
+from torch.utils._python_dispatch import TorchDispatchMode
 
 _COLLECTIVES = ("all_reduce", "all_gather", "all_gather_object", "all_gather_into_tensor", "broadcast",
                 "broadcast_object_list", "barrier", "reduce", "reduce_scatter", "reduce_scatter_tensor",
@@ -30,25 +37,70 @@ _SYNCS = {"item": ".item", "tolist": ".tolist", "cpu": ".cpu", "__float__": "flo
 _TORCH_DIR = os.path.dirname(torch.__file__)
 
 
+_aten = torch.ops.aten
+_INDEXING = (_aten.index.Tensor, _aten.index_put.default, _aten.index_put_.default, _aten._index_put_impl_.default)
+
+
+def has_data_dependent_shape(func: Any, args: tuple, kwargs: Dict[str, Any]) -> bool:
+    """Whether this call of aten op ``func`` yields a tensor whose shape depends on tensor values (torch
+    tags them ``dynamic_output_shape``; indexing only with a boolean mask, which needs its nonzero)."""
+    if func in _INDEXING:
+        indices = args[1] if len(args) > 1 else kwargs.get("indices", ())
+        return any(isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in indices)
+    if torch.Tag.dynamic_output_shape not in func.tags:
+        return False
+    if func is _aten.repeat_interleave.Tensor:
+        return kwargs.get("output_size") is None
+    if func is _aten.one_hot.default:
+        return (args[1] if len(args) > 1 else kwargs.get("num_classes", -1)) == -1
+    return True
+
+
+class DataDependentShapes(TorchDispatchMode):
+    """Within ``with DataDependentShapes() as seen:``, ``seen.ops`` counts "site op" of every call with a
+    data-dependent output shape (``site`` as the audit names it, "other" outside scale_hyper/deepspeed),
+    and under "ops seen" every op."""
+
+    def __init__(self, when: Callable[[], Optional[Counter]] = lambda: None) -> None:
+        super().__init__()
+        self.ops: Counter = Counter()  # also "ops seen": every op that passed, so a check knows it was looking
+        self.when = when  # the Counter to record into now (None: into self.ops)
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: Optional[Dict[str, Any]] = None):
+        kwargs = kwargs or {}
+        into = self.when()
+        into = self.ops if into is None else into
+        into["ops seen"] += 1
+        if has_data_dependent_shape(func, args, kwargs):
+            into[f"{_site(2) or 'other'} {func}"] += 1
+        return func(*args, **kwargs)
+
+
+def _site(depth: int) -> Optional[str]:
+    frame: Optional[FrameType] = sys._getframe(depth + 1)
+    while frame is not None and (
+        frame.f_code.co_filename.startswith(_TORCH_DIR) or frame.f_code.co_filename == __file__
+    ):
+        frame = frame.f_back
+    if frame is None:
+        return None
+    path = frame.f_code.co_filename
+    for root in ("scale_hyper", "deepspeed"):
+        marker = f"{os.sep}{root}{os.sep}"
+        if marker in path:
+            return f"{root}/{path.rsplit(marker, 1)[1]}:{frame.f_lineno}"
+    return None  # tests, libraries: not the training process's hot path
+
+
 class _Audit:
     def __init__(self, prefix: str) -> None:
         self.prefix, self.step = prefix, -1
         self.counts: Dict[int, Counter] = defaultdict(Counter)
+        self.shapes: Dict[int, Counter] = defaultdict(Counter)
+        self.mode: Optional[DataDependentShapes] = None
 
     def site(self) -> Optional[str]:
-        frame: Optional[FrameType] = sys._getframe(2)
-        while frame is not None and (
-            frame.f_code.co_filename.startswith(_TORCH_DIR) or frame.f_code.co_filename == __file__
-        ):
-            frame = frame.f_back
-        if frame is None:
-            return None
-        path = frame.f_code.co_filename
-        for root in ("scale_hyper", "deepspeed"):
-            marker = f"{os.sep}{root}{os.sep}"
-            if marker in path:
-                return f"{root}/{path.rsplit(marker, 1)[1]}:{frame.f_lineno}"
-        return None  # tests, libraries: not the training process's hot path
+        return _site(2)
 
     def wrap(self, fn: Callable, label: str, only: Optional[Callable[..., bool]] = None) -> Callable:
         def counted(*args: Any, **kwargs: Any) -> Any:
@@ -63,7 +115,8 @@ class _Audit:
     def write(self) -> None:
         rank = dist.get_rank() if dist.is_initialized() else 0
         with open(f"{self.prefix}.rank{rank}.json", "w") as f:
-            json.dump({"steps": {str(k): dict(v) for k, v in sorted(self.counts.items())}}, f, indent=1)
+            json.dump({"steps": {str(k): dict(v) for k, v in sorted(self.counts.items())},
+                       "shapes": {str(k): dict(v) for k, v in sorted(self.shapes.items())}}, f, indent=1)  # fmt: skip
 
 
 _active: Optional[_Audit] = None
@@ -86,10 +139,15 @@ def install_if_requested() -> None:
     for name in _COLLECTIVES:
         if hasattr(dist, name):
             setattr(dist, name, audit.wrap(getattr(dist, name), f"dist.{name}"))
+    audit.mode = DataDependentShapes(when=lambda: audit.shapes[audit.step])
     atexit.register(audit.write)
 
 
 def mark_step(step: int) -> None:
     """Called once per optimizer step, right after it is counted (watchdog.count_update)."""
     if _active is not None:
+        if _active.step < 0 and _active.mode is not None:
+            # From the first counted step on, for the rest of the process, on this (the training) thread:
+            # every op passes through the mode (not before: set-up would pay its per-op cost for nothing).
+            _active.mode.__enter__()
         _active.step = step

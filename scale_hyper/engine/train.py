@@ -24,6 +24,7 @@ from scale_hyper.engine import setup, sync_audit
 from scale_hyper.engine.checkpointer import StorageError
 from scale_hyper.engine.distributed import DistInfo, init_distributed
 from scale_hyper.engine.evaluator import to_device
+from scale_hyper.engine.export import dump_masters_if_requested
 from scale_hyper.engine.heartbeat import Heartbeats
 from scale_hyper.engine.progress import Progress, log
 from scale_hyper.engine.resume import ResumeError
@@ -72,6 +73,7 @@ def finish(tr: setup.Trainer, started: float) -> str:
     """The end of a complete run: final checkpoint, validation, HF export, summary."""
     state, info = tr.state, tr.info
     ckpt = tr.checkpointer.save_unless_saved(state)
+    dump_masters_if_requested(tr.engine, info.rank)  # tests only
     after = tr.evaluator.evaluate()
     tr.reporter.record(after, state.step)
     export_dir = runs.RunDir(tr.run.train.output_dir).export if tr.run.train.export else None

@@ -39,10 +39,10 @@ def mlm_metrics(
         labels = batch["labels"]
         inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
         if ours:  # the vocabulary projection only at the masked positions
-            logits = model(**inputs, labels=labels, sparse_logits=True).logits
+            logits = model(**inputs, mlm_positions=batch["mlm_positions"]).logits
+            batch_totals = masked_lm_totals(logits, batch["mlm_labels"])
         else:
-            logits = model(**inputs).logits
-        batch_totals = masked_lm_totals(logits, labels)
+            batch_totals = masked_lm_totals(model(**inputs).logits, labels)
         totals += batch_totals
         seqs += labels.shape[0]
         if per_batch is not None:  # one host sync per batch, only when asked (the paired test of a sweep)

@@ -15,15 +15,17 @@ import torch.nn.functional as F
 
 
 def masked_lm_totals(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """[loss sum, correct, n] of one batch. ``logits``: [n, V] at the masked positions (in label
-    order), or [B, N, V] for every position; ``labels``: [B, N] with -100 where not masked."""
-    targets = labels[labels != -100]
-    if logits.dim() == 3:
-        logits = logits[labels != -100]
-    loss_sum = F.cross_entropy(logits.float(), targets, reduction="sum")
-    correct = (logits.argmax(-1) == targets).sum()
-    n = torch.tensor(targets.numel(), device=logits.device)
-    return torch.stack([loss_sum.double(), correct.double(), n.double()])
+    """[loss sum, correct, n] of one batch. ``logits`` [K, V] with ``labels`` [K] (-100 = padding: the
+    model's ``mlm_positions`` output with the loader's ``mlm_labels``; no host sync); or ``logits``
+    [B, N, V] for every position, or [n, V] in ``labels[labels != -100]`` order, with ``labels`` [B, N]."""
+    if labels.dim() > 1:  # a label grid: pick its masked positions (boolean indexing: one host sync)
+        selected = labels != -100
+        logits = logits[selected] if logits.dim() == 3 else logits
+        labels = labels[selected]
+    valid = labels != -100
+    loss_sum = F.cross_entropy(logits.float(), labels, ignore_index=-100, reduction="sum")
+    correct = ((logits.argmax(-1) == labels) & valid).sum()
+    return torch.stack([loss_sum.double(), correct.double(), valid.sum().double()])
 
 
 def masked_lm_metrics(totals: torch.Tensor, strict: bool = True) -> Dict[str, float]:

@@ -146,13 +146,20 @@ class ScaleHyperForMaskedLM(ScaleHyperPreTrainedModel):
         token_type_ids: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         sparse_logits: bool = False,
+        mlm_positions: torch.Tensor | None = None,
+        mlm_labels: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         **kwargs,
     ) -> MaskedLMOutput | tuple:
-        """labels: -100 = not predicted. ``sparse_logits=True`` (needs labels) runs the head only at
-        the M predicted positions and returns logits [M, V] in ``labels[labels != -100]`` order;
-        otherwise logits are [B, N, V]."""
+        """labels [B, N]: -100 = not predicted; logits [B, N, V] (the Hugging Face contract).
+
+        The vocabulary matmul dominates the head, so training runs it only where there is something
+        to predict. ``mlm_positions`` [K] (flat indices into B × N) with ``mlm_labels`` [K] (-100 for
+        padding), as scale-hyper's loader makes them: logits [K, V] in that order, and no operation
+        whose output shape depends on the data — no device→host sync (``labels`` is then unused).
+        ``sparse_logits=True`` with only ``labels`` does the same for callers without positions, at the
+        cost of one sync (``nonzero``): logits [M, V] in ``labels[labels != -100]`` order."""
         return_dict = self.config.return_dict if return_dict is None else return_dict
         out = self.model(
             input_ids,
@@ -164,13 +171,18 @@ class ScaleHyperForMaskedLM(ScaleHyperPreTrainedModel):
         sequence = out.last_hidden_state
         word_embeddings = self.model.embeddings.word_embeddings
         loss = None
-        if sparse_logits:
+        if mlm_positions is None and sparse_logits:
             if labels is None:
                 raise ValueError("sparse_logits=True needs labels (it selects the positions with labels != -100)")
-            selected = labels != -100
-            # The vocabulary matmul dominates the head: do it only where there is something to predict.
-            logits = self.lm_head(sequence[selected], word_embeddings)
-            loss = F.cross_entropy(logits.float(), labels[selected])
+            flat = labels.flatten()
+            mlm_positions = (flat != -100).nonzero().squeeze(1)  # the host waits for the device here
+            mlm_labels = flat.index_select(0, mlm_positions)
+        if mlm_positions is not None:
+            logits = self.lm_head(sequence.flatten(0, 1).index_select(0, mlm_positions), word_embeddings)
+            if mlm_labels is not None:
+                loss = F.cross_entropy(logits.float(), mlm_labels, ignore_index=-100)
+            elif labels is not None:
+                raise ValueError("mlm_positions needs mlm_labels (the labels at those positions, -100 for padding)")
         else:
             logits = self.lm_head(sequence, word_embeddings)
             if labels is not None:

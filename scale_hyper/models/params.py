@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Iterable, List, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -36,6 +37,19 @@ def component_of(name: str) -> str:
     if "lm_head" in parts or "classification_head" in parts:
         return "heads"
     raise ValueError(f"parameter {name!r} belongs to no known component; update params.component_of")
+
+
+def weight_decay_groups(shapes: Iterable[Tuple[str, Sequence[int]]], decay_embeddings: bool) -> List[List[str]]:
+    """The trainer's AdamW groups, by name: [decayed, not decayed] — no decay on norms and biases (nor
+    on embeddings unless ``decay_embeddings``). Also how a ZeRO-0 bf16/fp16 checkpoint's per-group
+    fp32 masters are named again (``runs/ds_files.py``), so the rule lives in one place."""
+    decay: List[str] = []
+    no_decay: List[str] = []
+    for name, shape in shapes:
+        is_embedding = "embed" in name or "position" in name
+        skip = len(shape) < 2 or "norm" in name.lower() or (is_embedding and not decay_embeddings)
+        (no_decay if skip else decay).append(name)
+    return [decay, no_decay]
 
 
 def count_by_component(model: nn.Module) -> dict[str, int]:

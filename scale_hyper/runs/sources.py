@@ -103,17 +103,13 @@ def source_geometry(source: ModelSource) -> ModelConfig:
 
 
 def consolidated_state_dict(ckpt: PathLike) -> Dict[str, torch.Tensor]:
-    """Full fp32 weights of a checkpoint from any ZeRO stage (DeepSpeed's zero_to_fp32 for 1–3)."""
-    import torch
+    """Full fp32 master weights of a checkpoint in any of DeepSpeed's layouts (``runs/ds_files.py``:
+    ZeRO 0-3, fp32/bf16/fp16, universal) — never the bf16/fp16 working copies."""
+    from scale_hyper.models.params import weight_decay_groups
+    from scale_hyper.runs import ds_files
 
-    ckpt = Path(ckpt)
-    if list(ckpt.glob("zero_pp_rank_*optim_states.pt")):
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        return get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
-    # ZeRO-0: the whole module is in the model-states file.
-    states = torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)
-    return {k: v.float() for k, v in states["module"].items()}
+    decay_embeddings = run_config_of(ckpt).train.decay_embeddings
+    return ds_files.fp32_state_dict(ckpt, lambda shapes: weight_decay_groups(shapes, decay_embeddings))
 
 
 def load_strict(
