@@ -78,10 +78,10 @@ def test_fp32_on_a_gpu_takes_the_reference_unless_tf32_is_allowed(monkeypatch):
     want = hyper_mixing(x, w1, w2, 2, scale="sqrt")
     for kernel in ("triton", "auto"):  # fp32: no error for "triton" either (evaluation runs fp32)
         assert torch.equal(hyper_mixing(x, w1, w2, 2, scale="sqrt", kernel=kernel), want)
-    assert not calls and "without tensor cores" in fused.reference_route_reason(x, w1, w2)
+    assert not calls and "without tensor cores" in fused.reference_route_reason(x, w1, w2, 2)
     half = [t.bfloat16() for t in (x, w1, w2)]
     hyper_mixing(*half, 2, scale="sqrt", kernel="triton")
-    assert calls == [torch.bfloat16] and fused.reference_route_reason(*half) is None
+    assert calls == [torch.bfloat16] and fused.reference_route_reason(*half, 2) is None
 
 
 def test_grids_stay_within_cuda_limits():
@@ -146,3 +146,24 @@ def test_the_fused_kernel_adds_no_graph_break(monkeypatch):
         assert "triton_kernel_wrapper" in code  # the kernels are nodes of the graph, not breaks
     assert "triton_kernel_wrapper" not in reference[3]
     print({k: v[:3] for k, v in counts.items()}, file=sys.stderr)
+
+
+def test_the_launch_table_is_well_formed():
+    """launch.TUNED / NO_CLEAN_LAUNCH (from `compile_report --tune`): every key a real kernel and
+    geometry, every tile a tl.dot size; what the model does where no launch is spill-free."""
+    from scale_hyper.kernels import launch
+
+    kernels = {"reduce_fwd", "expand_fwd", "reduce_bwd", "expand_bwd", "reduce_fwd+split", "reduce_bwd+split"}
+    for (family, dtype_class, kernel, p, c), config in launch.TUNED.items():
+        assert family in launch.FAMILIES and dtype_class in ("16-bit", "fp32") and kernel in kernels
+        assert p in (16, 32, 64, 128) and c in (16, 32, 64, 128)
+        assert config["num_warps"] in (2, 4, 8, 16) and config["num_stages"] in (1, 2, 3, 4)
+        assert config["block_n"] in (16, 32, 64) and (kernel.startswith("expand") or config["block_n"] == 64)
+        dtype = torch.float32 if dtype_class == "fp32" else torch.bfloat16
+        assert launch.launch_config(kernel, p, c, dtype, family) == config
+    assert launch.launch_config("expand_bwd", 64, 64, torch.bfloat16, "sm90") == {
+        "num_warps": 4, "num_stages": 3, "block_n": 64}  # fmt: skip
+    assert launch.launch_config("reduce_bwd", 128, 16, torch.float16, "sm90")["num_warps"] == 8
+    assert "expand_bwd spills" in launch.no_clean_launch(128, 16, torch.float32, "sm80")
+    assert launch.no_clean_launch(128, 16, torch.bfloat16, "sm80") is None
+    assert launch.no_clean_launch(128, 16, torch.float32, "sm90") is None

@@ -249,6 +249,7 @@ def run_bench(
                     continue
                 mc = model_config("bert" if name == HF else name, size, seq_len)
                 if kernel == DEEPSPEED:  # the trainer's step: its mixer kernel, its engine
+                    assert trainer_step is not None  # checked with the plan
                     mc.mixer_kernel = run.model.mixer_kernel
                     make_step = partial(_deepspeed_step, trainer_step, run, batch_size)
                 else:

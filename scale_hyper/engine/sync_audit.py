@@ -7,6 +7,9 @@ made after optimizer step K was counted (its logging, evaluation, saving, stop c
 micro-batches of step K+1 — so the interval after a step that did none of those is a plain step's.
 Counted: Tensor.item/.tolist/.cpu(), float()/int()/bool() of a tensor, .to("cpu"), and the
 torch.distributed collectives.
+
+``SCALE_HYPER_SYNC_DEBUG=error`` (CUDA, ``strict``): torch's own detector on our part of each step,
+which also sees the syncs no explicit call makes (boolean indexing, nonzero, a pageable copy).
 """
 
 from __future__ import annotations
@@ -16,8 +19,9 @@ import json
 import os
 import sys
 from collections import Counter, defaultdict
+from contextlib import contextmanager
 from types import FrameType
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -87,6 +91,25 @@ def install_if_requested() -> None:
         if hasattr(dist, name):
             setattr(dist, name, audit.wrap(getattr(dist, name), f"dist.{name}"))
     atexit.register(audit.write)
+
+
+_SYNC_DEBUG = os.environ.get("SCALE_HYPER_SYNC_DEBUG", "")  # warn | error: torch.cuda's sync debug mode
+
+
+@contextmanager
+def strict(device: torch.device, step: int) -> Iterator[None]:
+    """Our part of every step after the first (the batch to the device, the forward, the loss window)
+    under ``torch.cuda.set_sync_debug_mode(SCALE_HYPER_SYNC_DEBUG)``: with "error" any device→host
+    sync there raises, naming its site (`.ci/gpu`). DeepSpeed's backward and step stay outside (its
+    own syncs are counted by the audit above). Off unless set; a no-op off CUDA."""
+    if not _SYNC_DEBUG or device.type != "cuda" or step < 1:
+        yield
+        return
+    torch.cuda.set_sync_debug_mode(_SYNC_DEBUG)
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
 
 
 def mark_step(step: int) -> None:

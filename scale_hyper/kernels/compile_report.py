@@ -19,16 +19,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
+import os
 import re
 import subprocess
 import sys
 import tempfile
 import warnings
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Iterable, Iterator, List, Optional, Sequence
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence
 
 import torch
 
@@ -57,6 +60,8 @@ class KernelReport:
     stack_frame: int  # bytes
     shared: int  # bytes of shared memory per program
     shared_limit: int
+    block_n: int = 64  # tokens per tile
+    tuned: bool = False  # --tune: the clean configuration found for a spilling default (not what runs yet)
 
     @property
     def problem(self) -> Optional[str]:
@@ -85,11 +90,11 @@ class _Recorder:
 def _recording(calls: list) -> Iterator[None]:
     names = ("reduce_fwd", "expand_fwd", "reduce_bwd", "expand_bwd")
     original = fused._kernels
-    fused._kernels = lambda mode: SimpleNamespace(**{n: _Recorder(n, calls) for n in names})  # type: ignore[assignment]
+    fused._kernels = lambda mode: SimpleNamespace(**{n: _Recorder(n, calls) for n in names})
     try:
         yield
     finally:
-        fused._kernels = original  # type: ignore[assignment]
+        fused._kernels = original
 
 
 @contextmanager
@@ -102,8 +107,14 @@ def _fp32_precision(precision: str) -> Iterator[None]:
         torch.set_float32_matmul_precision(previous)
 
 
-def launches(p: int, c: int, dtype: torch.dtype, split: int = 1, heads: int = 2, n: int = 256) -> list:
-    """The kernel launches of one forward + backward at d'/H = p, d/H = c: [(name, args, kwargs)].
+def family(arch: int) -> str:
+    return "sm90" if arch >= 90 else "sm80"
+
+
+def launches(p: int, c: int, dtype: torch.dtype, split: int = 1, gpu_family: str = "sm90", heads: int = 2,
+             n: int = 256) -> list:  # fmt: skip
+    """The kernel launches of one forward + backward at d'/H = p, d/H = c on a GPU of ``gpu_family``:
+    [(name, args, kwargs)], kwargs with the launch options (``launch.launch_config``).
 
     CPU tensors with the real layouts (W1/W2 as the two halves of one [B, N, 2·H·p] tensor, as
     the hypernetwork produces them); N = 256 tokens, a multiple of 16 like every training length.
@@ -116,9 +127,8 @@ def launches(p: int, c: int, dtype: torch.dtype, split: int = 1, heads: int = 2,
     calls: list = []
     with _recording(calls):
         prec = fused.dot_precision(dtype, interpreting=False)
-        y = fused.FusedHyperMixing.apply(
-            x, *w.chunk(2, dim=-1), divisor, heads, True, fused.BLOCK_N, split, prec, False
-        )
+        w1, w2 = w.chunk(2, dim=-1)
+        y = fused.FusedHyperMixing.apply(x, w1, w2, divisor, heads, True, fused.BLOCK_N, split, prec, False, gpu_family)
         y.backward(torch.zeros_like(y))
     return calls
 
@@ -167,6 +177,63 @@ def compile_launch(name: str, args: Sequence, kwargs: dict, arch: int):
     return compiled, _ptxas_report(compiled.asm["ptx"], arch, compiled.metadata.enable_fp_fusion)
 
 
+# --tune: what is tried, in order, where the default launch spills (the first clean one is kept)
+TUNE_REDUCE = [{"num_warps": w, "num_stages": st} for st in (3, 2, 4) for w in (4, 8, 2)]
+TUNE_EXPAND = [{"num_warps": w, "BLOCK_N": bn} for bn in (64, 32, 16) for w in (4, 8, 16, 2)]
+
+
+def _row(name: str, args, kwargs: dict, arch: int, label: str, p: int, c: int, kernel: str) -> KernelReport:
+    compiled, ptxas = compile_launch(name, args, kwargs, arch)
+    meta = compiled.metadata
+    return KernelReport(kernel, arch, label, p, c, meta.num_warps, meta.num_stages, block_n=kwargs["BLOCK_N"],
+                        shared=meta.shared, shared_limit=SHARED_LIMIT[arch], **ptxas)  # fmt: skip
+
+
+def geometry_rows(dtype_name: str, p: int, c: int, archs: Sequence[int], splits: Sequence[int],
+                  fp32_precision: str, tune: bool = False) -> List[KernelReport]:  # fmt: skip
+    """Every kernel of one (dtype, d'/H = p, d/H = c) for every arch, launched as FusedHyperMixing
+    launches it there. tune: where that spills on an arch, also the first TUNE_* candidate that is
+    clean on every requested arch of its family (rows with tuned=True)."""
+    rows = []
+    dtype = DTYPES[dtype_name]
+    with _fp32_precision(fp32_precision):
+        label = dtype_name if dtype != torch.float32 else f"fp32/{fused.dot_precision(dtype, False)}"
+        for fam in dict.fromkeys(family(a) for a in archs):
+            members = [a for a in archs if family(a) == fam]
+            seen = set()
+            for split in splits:
+                for name, args, kwargs in launches(p, c, dtype, split, fam):
+                    kernel = name + ("+split" if kwargs.get("PARTIAL") else "")
+                    if kernel in seen:  # the expand kernels do not depend on SPLIT
+                        continue
+                    seen.add(kernel)
+                    found = [_row(name, args, kwargs, arch, label, p, c, kernel) for arch in members]
+                    rows += found
+                    if not tune or not any(r.problem for r in found):
+                        continue
+                    for candidate in TUNE_EXPAND if name.startswith("expand") else TUNE_REDUCE:
+                        tried = [_row(name, args, {**kwargs, **candidate}, a, label, p, c, kernel) for a in members]
+                        if not any(r.problem for r in tried):
+                            for r in tried:
+                                r.tuned = True
+                            rows += tried
+                            break
+    return rows
+
+
+def tuned_entries(rows: Iterable[KernelReport]) -> Dict[tuple, Dict[str, int]]:
+    """launch.TUNED entries from a --tune report: the clean configuration per spilling default."""
+    out: Dict[tuple, Dict[str, int]] = {}
+    for r in rows:
+        if r.tuned:
+            key = (family(r.arch), "fp32" if r.dtype.startswith("fp32") else "16-bit", r.kernel, r.p, r.c)
+            entry = {"num_warps": r.num_warps, "num_stages": r.num_stages, "block_n": r.block_n}
+            if out.get(key, entry) != entry:
+                raise RuntimeError(f"{key}: the archs of one family need different configurations: {out[key]}, {entry}")
+            out[key] = entry
+    return out
+
+
 def report(
     archs: Iterable[int] = ARCHS,
     dtypes: Iterable[str] = ("bf16", "fp16", "fp32"),
@@ -174,54 +241,52 @@ def report(
     fp32_precision: str = "high",
     splits: Iterable[int] = (1, 2),
     log=None,
+    jobs: int = 1,
+    tune: bool = False,
 ) -> List[KernelReport]:
     """Every kernel at every (d'/H, d/H) in dims × dims, dtype and arch, as ``FusedHyperMixing``
     launches it. splits: 1 = the single pass (epilogue in the kernel), 2 = the split-N variants of
     the reductions. fp32_precision: torch's float32 matmul precision for the fp32 rows ("high" =
-    tf32 dots, the route the model takes; "highest" = exact fp32 dots, which it avoids on GPUs)."""
-    rows: List[KernelReport] = []
+    tf32 dots, the route the model takes; "highest" = exact fp32 dots, which it avoids on GPUs).
+    jobs > 1 compiles the geometries in that many processes."""
     dims = list(dims)
-    with _fp32_precision(fp32_precision):
-        for dtype_name in dtypes:
-            dtype = DTYPES[dtype_name]
-            label = dtype_name if dtype != torch.float32 else f"fp32/{fused.dot_precision(dtype, False)}"
-            for p in dims:
-                for c in dims:
-                    seen = set()
-                    for split in splits:
-                        for name, args, kwargs in launches(p, c, dtype, split):
-                            kernel = name + ("+split" if kwargs.get("PARTIAL") else "")
-                            if kernel in seen:  # the expand kernels do not depend on SPLIT
-                                continue
-                            seen.add(kernel)
-                            for arch in archs:
-                                compiled, ptxas = compile_launch(name, args, kwargs, arch)
-                                meta = compiled.metadata
-                                row = KernelReport(kernel, arch, label, p, c, meta.num_warps, meta.num_stages,
-                                                   shared=meta.shared, shared_limit=SHARED_LIMIT[arch], **ptxas)  # fmt: skip
-                                rows.append(row)
-                                if log:
-                                    log(format_row(row))
+    work = [(d, p, c, tuple(archs), tuple(splits), fp32_precision, tune) for d in dtypes for p in dims for c in dims]
+    rows: List[KernelReport] = []
+    if jobs <= 1:
+        results: Iterable[List[KernelReport]] = (geometry_rows(*w) for w in work)
+        for part in results:
+            rows += _logged(part, log)
+        return rows
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        for part in pool.map(geometry_rows, *zip(*work, strict=True)):
+            rows += _logged(part, log)
+    return rows
+
+
+def _logged(rows: List[KernelReport], log) -> List[KernelReport]:
+    for row in rows if log else ():
+        log(format_row(row))
     return rows
 
 
 def problems(rows: Iterable[KernelReport]) -> List[str]:
-    return [f"{format_row(r)}: {r.problem}" for r in rows if r.problem]
+    """Every launch as it runs (not a --tune candidate) that spills or overflows shared memory."""
+    return [f"{format_row(r)}: {r.problem}" for r in rows if r.problem and not r.tuned]
 
 
 def format_row(r: KernelReport) -> str:
     return (f"sm_{r.arch} {r.dtype:<9} {r.kernel:<16} d'/H={r.p:<3} d/H={r.c:<3} warps {r.num_warps} "
-            f"regs {r.registers:>3} spill {r.spill_stores:>6} B smem {r.shared / 1024:6.1f} KB")  # fmt: skip
+            f"stages {r.num_stages} tile {r.block_n:<3} regs {r.registers:>3} spill {r.spill_stores:>6} B "
+            f"smem {r.shared / 1024:6.1f} KB{' (tuned)' if r.tuned else ''}")  # fmt: skip
 
 
 def format_table(rows: Iterable[KernelReport]) -> str:
-    head = (
-        "| arch | dtype | kernel | d'/H | d/H | warps | stages | registers | spill stores | spill loads | shared KB |"
-    )
+    head = "| arch | dtype | kernel | d'/H | d/H | warps | stages | tile | registers | spill stores | spill loads | shared KB |"
     out = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
-        out.append(f"| sm_{r.arch} | {r.dtype} | {r.kernel} | {r.p} | {r.c} | {r.num_warps} | {r.num_stages} | "
-                   f"{r.registers} | {r.spill_stores} | {r.spill_loads} | {r.shared / 1024:.1f} |")  # fmt: skip
+        out.append(f"| sm_{r.arch} | {r.dtype} | {r.kernel}{' (tuned)' if r.tuned else ''} | {r.p} | {r.c} | "
+                   f"{r.num_warps} | {r.num_stages} | {r.block_n} | {r.registers} | {r.spill_stores} | "
+                   f"{r.spill_loads} | {r.shared / 1024:.1f} |")  # fmt: skip
     return "\n".join(out)
 
 
@@ -234,18 +299,28 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--dims", default=",".join(map(str, DIMS)), help="d/H and d'/H values (comma-separated)")
     parser.add_argument("--fp32-precision", default="high", choices=("high", "highest"),
                         help="torch float32 matmul precision for the fp32 rows: high = tf32 dots, highest = exact")  # fmt: skip
+    parser.add_argument("--jobs", type=int, default=min(8, os.cpu_count() or 1), help="compiler processes")
     parser.add_argument("--json", help="also write the rows as JSON to this path")
     parser.add_argument("--quiet", action="store_true", help="print the table only")
+    parser.add_argument("--tune", action="store_true",
+                        help="where a launch spills, search for a clean one and print launch.TUNED entries")  # fmt: skip
     opts = parser.parse_args(argv)
     archs = [int(a) for a in opts.arch.split(",")]
     unknown = [a for a in archs if a not in SHARED_LIMIT]
     if unknown:
         parser.error(f"--arch {unknown}: choose from {', '.join(map(str, SHARED_LIMIT))}")
+    odd = [d for d in opts.dtypes.split(",") if d not in DTYPES]
+    if odd:
+        parser.error(f"--dtypes {odd}: choose from {', '.join(DTYPES)}")
     rows = report(archs, opts.dtypes.split(","), [int(d) for d in opts.dims.split(",")], opts.fp32_precision,
-                  log=None if opts.quiet else lambda s: print(s, flush=True))  # fmt: skip
+                  log=None if opts.quiet else lambda s: print(s, flush=True), jobs=opts.jobs, tune=opts.tune)  # fmt: skip
     print(format_table(rows))
     if opts.json:
         Path(opts.json).write_text(json.dumps([asdict(r) | {"problem": r.problem} for r in rows], indent=1))
+    if opts.tune:
+        print("TUNED entries (scale_hyper/kernels/launch.py):")
+        for key, entry in sorted(tuned_entries(rows).items()):
+            print(f"    {key}: {entry},")
     bad = problems(rows)
     for line in bad:
         print(f"PROBLEM {line}", file=sys.stderr)

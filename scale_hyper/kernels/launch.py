@@ -1,9 +1,11 @@
-"""How the fused HyperMixing kernels are launched: warps per program, the dot precision, and the
-grid limits. Pure torch, no Triton; every figure here comes from the compiler's report
+"""How the fused HyperMixing kernels are launched: warps, pipeline stages and token tiles per
+geometry and GPU family, the dot precision, and the grid limits. Pure torch, no Triton; every figure here comes from the compiler's report
 (``python -m scale_hyper.kernels.compile_report``, docs/engine.md "Fused mixer kernel").
 """
 
 from __future__ import annotations
+
+from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -12,17 +14,65 @@ import torch
 MAX_GRID_X = 2**31 - 1
 MAX_GRID_Y = 65_535
 
-# Warps per program. With 4 warps the 128-wide tiles of a 16-bit model need more than the 255
-# registers a thread may hold and spill to local memory (sm_80 and sm_90); 8 warps share the same
-# tile over twice the threads and compile without spills. Below 128, 4 warps are spill-free and
-# keep more programs resident per SM.
+# Launch configurations. The default: 4 warps, 3 pipeline stages (the reductions' loop) and tiles of
+# 64 tokens; 8 warps where a tile is 128 wide (d/H or d'/H = 128), where 4 warps need more than the
+# 255 registers a thread may hold and spill (e.g. _reduce_bwd at 128×128 bf16 on sm_90: 1.6 KB).
+# TUNED holds the geometries where the compiler's report still showed spills with that default, and
+# the first spill-free configuration `python -m scale_hyper.kernels.compile_report --tune` found for
+# them. Keys: (family, dtype class, kernel, d'/H, d/H); "+split" = the split-N partial-sum variant.
 WIDE_TILE = 128
+FAMILIES = ("sm80", "sm90")  # sm_80/86/89 (mma.sync) and sm_90 (wgmma): separate code generation
+TUNED: Dict[Tuple[str, str, str, int, int], Dict[str, int]] = {
+    # sm_80/86/89 (found on sm_80 and sm_89 together), 16-bit: the default spilled 8–2,504 bytes here
+    ("sm80", "16-bit", "expand_bwd", 128, 32): {"num_warps": 4, "num_stages": 3, "block_n": 16},
+    ("sm80", "16-bit", "expand_bwd", 128, 64): {"num_warps": 4, "num_stages": 3, "block_n": 32},
+    ("sm80", "16-bit", "reduce_bwd+split", 64, 16): {"num_warps": 8, "num_stages": 3, "block_n": 64},
+    ("sm80", "16-bit", "reduce_bwd+split", 128, 16): {"num_warps": 2, "num_stages": 3, "block_n": 64},
+    ("sm80", "16-bit", "reduce_fwd", 64, 16): {"num_warps": 8, "num_stages": 3, "block_n": 64},
+    ("sm80", "16-bit", "reduce_fwd+split", 64, 16): {"num_warps": 8, "num_stages": 3, "block_n": 64},
+    ("sm80", "16-bit", "reduce_fwd+split", 128, 16): {"num_warps": 2, "num_stages": 3, "block_n": 64},
+    # sm_80/86/89, fp32 with tf32 dots: the default spilled 228 B to 13 KB here
+    ("sm80", "fp32", "expand_bwd", 64, 64): {"num_warps": 4, "num_stages": 3, "block_n": 32},
+    ("sm80", "fp32", "expand_bwd", 128, 32): {"num_warps": 4, "num_stages": 3, "block_n": 16},
+    ("sm80", "fp32", "expand_bwd", 128, 64): {"num_warps": 4, "num_stages": 3, "block_n": 32},
+    ("sm80", "fp32", "expand_bwd", 128, 128): {"num_warps": 8, "num_stages": 3, "block_n": 16},
+    ("sm80", "fp32", "reduce_bwd", 128, 128): {"num_warps": 8, "num_stages": 2, "block_n": 64},
+    ("sm80", "fp32", "reduce_bwd+split", 128, 128): {"num_warps": 4, "num_stages": 2, "block_n": 64},
+    ("sm80", "fp32", "reduce_fwd", 128, 128): {"num_warps": 8, "num_stages": 2, "block_n": 64},
+    ("sm80", "fp32", "reduce_fwd+split", 128, 128): {"num_warps": 4, "num_stages": 2, "block_n": 64},
+    # sm_90, fp32 with tf32 dots: 64-token tiles need 288 KB of shared memory (the limit is 227 KB)
+    ("sm90", "fp32", "expand_bwd", 128, 128): {"num_warps": 8, "num_stages": 3, "block_n": 32},
+}
+# Where no configuration --tune tries is spill-free on every target of a family, the model runs the
+# reference instead (``hypermixing_triton.reference_route_reason``); (family, dtype class, d'/H, d/H).
+NO_CLEAN_LAUNCH: Dict[Tuple[str, str, int, int], str] = {
+    ("sm80", "fp32", 128, 16): "_expand_bwd spills 52–1,116 B with every warps × token tile tried on sm_80/sm_89",
+}
 
 
-def num_warps(kernel: str, p: int, c: int, dtype: torch.dtype) -> int:
-    """Warps for ``kernel`` (reduce_fwd, expand_fwd, reduce_bwd, expand_bwd) at d'/H = p, d/H = c."""
-    del kernel, dtype  # one rule fits all four today; the report checks every kernel and dtype
-    return 8 if max(p, c) >= WIDE_TILE else 4
+def device_family(device: torch.device) -> str:
+    """The TUNED family of a CUDA device (sm90 for anything off CUDA: the interpreter ignores it)."""
+    if device.type != "cuda":
+        return "sm90"
+    return "sm90" if torch.cuda.get_device_properties(device).major >= 9 else "sm80"
+
+
+def dtype_class(dtype: torch.dtype) -> str:
+    return "fp32" if dtype == torch.float32 else "16-bit"
+
+
+def launch_config(kernel: str, p: int, c: int, dtype: torch.dtype, family: str) -> Dict[str, int]:
+    """num_warps, num_stages and block_n (tokens per tile; the expand kernels' may be smaller than the
+    reductions') for ``kernel`` (reduce_fwd, expand_fwd, reduce_bwd, expand_bwd, reduce_*+split) at
+    d'/H = p, d/H = c."""
+    config = {"num_warps": 8 if max(p, c) >= WIDE_TILE else 4, "num_stages": 3, "block_n": 64}
+    config.update(TUNED.get((family, dtype_class(dtype), kernel, p, c), {}))
+    return config
+
+
+def no_clean_launch(p: int, c: int, dtype: torch.dtype, family: str) -> Optional[str]:
+    """Why no launch of this geometry is spill-free on ``family`` (NO_CLEAN_LAUNCH), or None."""
+    return NO_CLEAN_LAUNCH.get((family, dtype_class(dtype), p, c))
 
 
 def dot_precision(dtype: torch.dtype, interpreting: bool) -> str:

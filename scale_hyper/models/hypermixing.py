@@ -58,9 +58,10 @@ def _fused_or_none(kernel, x, w1, w2, heads):
     "auto" falls back to the reference whenever the kernel cannot run. "triton" raises a
     ConfigError (a user error) when it cannot run on CUDA tensors, and runs the reference on CPU
     tensors unless TRITON_INTERPRET=1 turns the CPU interpreter on (then it is strict there too).
-    Both take the reference where the kernel could run but is the slower route
-    (``reference_route_reason``: fp32 at torch's "highest" matmul precision on a GPU, as evaluation
-    and GLUE run), so a model trained with ``triton`` evaluates in fp32 without an error.
+    Both take the reference where the kernel could run but is not the better route
+    (``reference_route_reason``: fp32 on a GPU without TF32, as evaluation and GLUE run; a geometry
+    without a spill-free launch on this GPU), so a model trained with ``triton`` evaluates in fp32
+    without an error.
     """
     if kernel not in KERNELS:
         raise ValueError(f"kernel={kernel!r} is not one of {', '.join(KERNELS)}")
@@ -69,7 +70,7 @@ def _fused_or_none(kernel, x, w1, w2, heads):
     fused = _fused_kernels()
     reason = "scale_hyper.kernels is not importable" if fused is None else fused.unsupported_reason(x, w1, w2, heads)
     if reason is None:
-        slower = fused.reference_route_reason(x, w1, w2)  # supported, but the reference is faster (fp32 on a GPU)
+        slower = fused.reference_route_reason(x, w1, w2, heads)  # supported, but the reference is the better route
         if slower is None:
             _log_once(kernel, "the fused Triton kernel")
             return fused.fused_hyper_mixing
