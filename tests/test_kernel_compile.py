@@ -87,10 +87,10 @@ def test_fp32_on_a_gpu_takes_the_reference_unless_tf32_is_allowed(monkeypatch):
 def test_grids_stay_within_cuda_limits():
     need_module("triton")
     from scale_hyper.kernels import hypermixing_triton as fused
-    from scale_hyper.kernels.launch import MAX_GRID_X, grid_problem
+    from scale_hyper.kernels.launch import MAX_GRID_X, expand_grid, grid_problem
 
     # B·H = 70,000 programs per token tile: all on axis 0 (2^31 − 1), none on axis 1 (65,535)
-    assert fused._expand_grid(7_000, 10, 8192, 64) == (7_000 * 10 * 128,)
+    assert expand_grid(7_000, 10, 8192, 64) == (7_000 * 10 * 128,)
     assert grid_problem(7_000 * 10 * 128) is None
     assert "axis 0" in grid_problem(MAX_GRID_X + 1) and "axis 1" in grid_problem(1, 65_536)
     x = torch.zeros(1).expand(2**20, 2**14, 16 * 16)  # 2^20 sequences × 256 tiles × 16 heads, no memory

@@ -48,8 +48,9 @@ from .launch import (
     device_family,
     dot_precision,
     exact_fp32_on_gpu,
+    expand_grid,
     grid_problem,
-    launch_config,
+    launch_options,
     no_clean_launch,
 )
 from .splits import finish_bwd, finish_fwd, reduction_splits, sm_count, split_chunk
@@ -134,7 +135,7 @@ if triton is not None:
         N, H, s_w2b, s_w2n, s_yb, s_yn,
         P: tl.constexpr, C: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr, WIDEN: tl.constexpr,
     ):  # fmt: skip
-        tiles = (N + BLOCK_N - 1) // BLOCK_N  # one axis, tile fastest (see _expand_grid)
+        tiles = (N + BLOCK_N - 1) // BLOCK_N  # one axis, tile fastest (see launch.expand_grid)
         pid = tl.program_id(0) // tiles
         b = (pid // H).to(tl.int64)
         h = pid % H
@@ -195,7 +196,7 @@ if triton is not None:
         P: tl.constexpr, C: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr, WIDEN: tl.constexpr,
     ):  # fmt: skip
         # dx [B, N, H·C] and dw1/dw2 [B, N, H·P] are fresh contiguous tensors.
-        tiles = (N + BLOCK_N - 1) // BLOCK_N  # one axis, tile fastest (see _expand_grid)
+        tiles = (N + BLOCK_N - 1) // BLOCK_N  # one axis, tile fastest (see launch.expand_grid)
         pid = tl.program_id(0) // tiles
         b = (pid // H).to(tl.int64)
         h = pid % H
@@ -240,20 +241,6 @@ def _constants(p: int, c: int, block_n: int, dtype: torch.dtype, prec: str, inte
     return dict(P=p, C=c, BLOCK_N=block_n, PREC=prec, WIDEN=dtype == torch.bfloat16 and interpret)
 
 
-def _launch(kernel: str, p: int, c: int, dtype: torch.dtype, family: str, interpret: bool, block_n: int):
-    """(tokens per tile, launch options) of one kernel: ``launch.launch_config``, none in the interpreter."""
-    if interpret:
-        return block_n, {}
-    config = launch_config(kernel, p, c, dtype, family)
-    return min(block_n, config["block_n"]), {"num_warps": config["num_warps"], "num_stages": config["num_stages"]}
-
-
-def _expand_grid(b: int, heads: int, n: int, block_n: int) -> tuple:
-    """One axis of B·H·⌈N/BLOCK_N⌉ programs (limit 2^31 − 1), tile fastest: the programs of one
-    (batch, head) run together and share its p×c tile in L2. B·H on axis 1 would stop at 65,535."""
-    return (b * heads * triton.cdiv(n, block_n),)
-
-
 def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
@@ -283,7 +270,7 @@ class FusedHyperMixing(torch.autograd.Function):
         scaled = divisor is not None
         kernels = _kernels(interpret)
         reduce_name = "reduce_fwd+split" if split > 1 else "reduce_fwd"
-        tile, options = _launch(reduce_name, p, c, x.dtype, family, interpret, block_n)
+        tile, options = launch_options(reduce_name, p, c, x.dtype, family, interpret, block_n)
         kernels.reduce_fwd[(b * heads, split)](
             w1, x, divisor if scaled else hpre, part, g,
             n, heads, chunk, w1.stride(0), w1.stride(1), x.stride(0), x.stride(1),
@@ -292,8 +279,8 @@ class FusedHyperMixing(torch.autograd.Function):
         )  # fmt: skip
         if split > 1:
             hpre, g = finish_fwd(part, divisor, activation, x.dtype)
-        tile, options = _launch("expand_fwd", p, c, x.dtype, family, interpret, block_n)
-        kernels.expand_fwd[_expand_grid(b, heads, n, tile)](
+        tile, options = launch_options("expand_fwd", p, c, x.dtype, family, interpret, block_n)
+        kernels.expand_fwd[expand_grid(b, heads, n, tile)](
             w2, g, y, n, heads, w2.stride(0), w2.stride(1), y.stride(0), y.stride(1),
             **_constants(p, c, tile, x.dtype, prec, interpret), **options,
         )  # fmt: skip
@@ -318,7 +305,7 @@ class FusedHyperMixing(torch.autograd.Function):
         scaled = divisor is not None
         kernels = _kernels(interpret)
         reduce_name = "reduce_bwd+split" if split > 1 else "reduce_bwd"
-        tile, options = _launch(reduce_name, p, c, x.dtype, family, interpret, block_n)
+        tile, options = launch_options(reduce_name, p, c, x.dtype, family, interpret, block_n)
         kernels.reduce_bwd[(b * heads, split)](
             w2, dy, hpre, divisor if scaled else hpre, dh,
             n, heads, chunk, w2.stride(0), w2.stride(1), dy.stride(0), dy.stride(1),
@@ -327,8 +314,8 @@ class FusedHyperMixing(torch.autograd.Function):
         )  # fmt: skip
         if split > 1:
             dh = finish_bwd(dh, hpre, divisor, ctx.activation)
-        tile, options = _launch("expand_bwd", p, c, x.dtype, family, interpret, block_n)
-        kernels.expand_bwd[_expand_grid(b, heads, n, tile)](
+        tile, options = launch_options("expand_bwd", p, c, x.dtype, family, interpret, block_n)
+        kernels.expand_bwd[expand_grid(b, heads, n, tile)](
             x, w1, dy, g, dh, dx, dw1, dw2,
             n, heads, x.stride(0), x.stride(1), w1.stride(0), w1.stride(1), dy.stride(0), dy.stride(1),
             **_constants(p, c, tile, x.dtype, prec, interpret), **options,

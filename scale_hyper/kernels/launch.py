@@ -70,6 +70,21 @@ def launch_config(kernel: str, p: int, c: int, dtype: torch.dtype, family: str) 
     return config
 
 
+def launch_options(kernel: str, p: int, c: int, dtype: torch.dtype, family: str, interpret: bool, block_n: int):
+    """(tokens per tile, launch options) of one kernel: ``launch_config``; none in the interpreter."""
+    if interpret:
+        return block_n, {}
+    config = launch_config(kernel, p, c, dtype, family)
+    return min(block_n, config["block_n"]), {"num_warps": config["num_warps"], "num_stages": config["num_stages"]}
+
+
+def expand_grid(b: int, heads: int, n: int, tile: int) -> tuple:
+    """The expand kernels' grid: one axis of B·H·⌈N/tile⌉ programs (limit 2^31 − 1), tile fastest, so
+    the programs of one (batch, head) run together and share its p×c block in L2. (B·H on axis 1
+    would stop at 65,535.)"""
+    return (b * heads * -(-n // tile),)
+
+
 def no_clean_launch(p: int, c: int, dtype: torch.dtype, family: str) -> Optional[str]:
     """Why no launch of this geometry is spill-free on ``family`` (NO_CLEAN_LAUNCH), or None."""
     return NO_CLEAN_LAUNCH.get((family, dtype_class(dtype), p, c))
