@@ -168,7 +168,13 @@ class TrainConfig(ConfigGroup):
     eval_every: int = option(100, "validation MLM loss every N steps", ge=1)
     eval_batches: int = option(16, "validation batches per evaluation; 0 = all", ge=0)
     export: bool = option(True, "write a Hugging Face directory at the end")
-    dist_timeout_minutes: float = option(10.0, "a dead or hung rank stops the others after this long", gt=0)
+    dist_timeout_minutes: float = option(
+        10.0,
+        "minutes (fractions allowed) a rank may send no heartbeat before every live rank names it and exits 5; "
+        "collectives wait this plus 2 x 5 heartbeat intervals (docs/engine.md, Hung ranks)",
+        ge=0.1,
+        le=1440,
+    )
     device: str = option("auto", "auto = cuda when visible, else cpu", choices=("auto", "cpu", "cuda"))
 
     def validate(self, group: str = "") -> TrainConfig:
