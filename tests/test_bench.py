@@ -147,7 +147,7 @@ def test_deepspeed_rows_run_the_trainers_engine(tmp_path):
         SCALE_HYPER_BENCH_STEPS="2", SCALE_HYPER_BENCH_JSON=str(out), SCALE_HYPER_BENCH_DEEPSPEED="1",
     )  # fmt: skip
     cmd = [sys.executable, "-m", "scale_hyper", "bench", "train", "train.device=cpu", "deepspeed.precision=bf16"]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = {r["mixer"]: r for r in json.loads(out.read_text())["rows"]}
     assert set(rows) == {"hyperbert", "hyperbert+deepspeed", bench.HF}
