@@ -164,6 +164,12 @@ class TrainConfig(ConfigGroup):
         ge=1,
     )
     keep_checkpoints: int = option(2, "keep the newest N checkpoints; 0 = all", ge=0)
+    verify_checkpoint: str = option(
+        "full",
+        "check a checkpoint against its manifest before loading it: full = file sizes and xxh3 checksums, "
+        "sizes = file sizes only, off = no check (a damaged newest checkpoint then fails inside DeepSpeed)",
+        choices=("full", "sizes", "off"),
+    )
     log_every: int = option(10, "log metrics every N steps", ge=1)
     eval_every: int = option(100, "validation MLM loss every N steps", ge=1)
     eval_batches: int = option(16, "validation batches per evaluation; 0 = all", ge=0)

@@ -16,8 +16,8 @@ import torch.distributed as dist
 
 from scale_hyper import runs
 from scale_hyper.config import RunConfig, to_yaml
-from scale_hyper.engine import ds_config, init_from
-from scale_hyper.engine.checkpointer import Checkpointer, check_recipe, check_world_size, resolve_resume
+from scale_hyper.engine import ds_config, init_from, resume
+from scale_hyper.engine.checkpointer import Checkpointer
 from scale_hyper.engine.distributed import DistInfo, all_groups_wait
 from scale_hyper.engine.evaluator import Evaluator
 from scale_hyper.engine.progress import log
@@ -79,7 +79,7 @@ def build_model(run: RunConfig, info: DistInfo, ckpt: Optional[Path]) -> torch.n
     if run.train.activation_checkpointing == "non_reentrant":
         model.set_activation_checkpointing(True)
     if ckpt is None and run.train.init_from:  # before deepspeed.initialize: ZeRO-3 partitions what is loaded
-        log(info, f"initialised from {init_from.load_weights(model, run.train.init_from)}")
+        log(info, f"initialised from {init_from.load_weights(model, run.train.init_from, run.train.verify_checkpoint)}")
     return model
 
 
@@ -178,10 +178,12 @@ def build(run: RunConfig, info: DistInfo) -> Trainer:
     t = run.train
     # before any work: the batch split (refused when the world size cannot divide it) and the resume's recipe
     micro, _, global_batch = ds_config.batch_arithmetic(run, info.world_size)
-    ckpt = resolve_resume(t.resume, t.output_dir, info.world_size)
+    choice = resume.choose(t.resume, t.output_dir, info.world_size, t.verify_checkpoint, info)  # verified
+    ckpt = choice.ckpt
     if ckpt is not None:
-        check_world_size(ckpt, info.world_size)
-        check_recipe(ckpt, run, global_batch)
+        resume.check_world_size(ckpt, info.world_size)
+        resume.check_recipe(ckpt, run, global_batch)
+    resume.announce(choice, info)  # damaged ones passed over: one line each, set aside
     log(info, ds_config.describe_batch(run, info.world_size))
     manifest = prepare_data(run, info)
     model = build_model(run, info, ckpt)

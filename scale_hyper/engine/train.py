@@ -21,11 +21,12 @@ import torch.distributed as dist
 from scale_hyper import runs
 from scale_hyper.config import ConfigError, RunConfig, errors
 from scale_hyper.engine import setup, sync_audit
-from scale_hyper.engine.checkpointer import ResumeError, StorageError
+from scale_hyper.engine.checkpointer import StorageError
 from scale_hyper.engine.distributed import DistInfo, init_distributed
 from scale_hyper.engine.evaluator import to_device
 from scale_hyper.engine.heartbeat import Heartbeats
 from scale_hyper.engine.progress import Progress, log
+from scale_hyper.engine.resume import ResumeError
 from scale_hyper.engine.watchdog import NonFiniteError, StopSignals, count_update, injected_nonfinite_steps
 
 
