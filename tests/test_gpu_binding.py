@@ -29,37 +29,33 @@ def fake_node(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: visible() > 0)
     monkeypatch.setattr(torch.cuda, "device_count", visible)
     monkeypatch.setattr(torch.cuda, "set_device", asked.append)
-    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "CUDA_VISIBLE_DEVICES", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(name, raising=False)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     return asked
 
 
 def srun_task(monkeypatch, localid: int, procid: int, per_task_gpu: bool) -> dict:
-    """The variables srun gives task `localid` of a 2-node × NODE_GPUS job (what --gpus-per-task=1 /
-    --gpu-bind=single:1 add: CUDA_VISIBLE_DEVICES naming the task's one GPU)."""
+    """The environment srun gives task `localid` of a 2-node × NODE_GPUS job, mapped as the trainer
+    maps it (a dict: this process' own environment stays untouched). --gpus-per-task=1 /
+    --gpu-bind=single:1 add CUDA_VISIBLE_DEVICES naming the task's one GPU (set for the mocked runtime)."""
     env = {"SLURM_PROCID": str(procid), "SLURM_LOCALID": str(localid), "SLURM_NTASKS": str(2 * NODE_GPUS),
            "SLURM_JOB_ID": "77", "MASTER_ADDR": "node1"}  # fmt: skip
     if per_task_gpu:
-        env["CUDA_VISIBLE_DEVICES"] = str(localid)
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
-    map_launcher_env()
-    return dict(os.environ)
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", str(localid))
+    map_launcher_env(env)
+    return env
 
 
 @pytest.mark.parametrize("per_task_gpu", [False, True], ids=["all-gpus-visible", "one-gpu-per-task"])
 def test_every_local_rank_gets_a_device_it_can_see(fake_node, monkeypatch, per_task_gpu):
     for localid in range(NODE_GPUS):
-        srun_task(monkeypatch, localid, NODE_GPUS + localid, per_task_gpu)  # the second node's tasks
-        assert os.environ["LOCAL_RANK"] == str(localid) and os.environ["RANK"] == str(NODE_GPUS + localid)
-        device = pick_device("auto", int(os.environ["LOCAL_RANK"]))
+        env = srun_task(monkeypatch, localid, NODE_GPUS + localid, per_task_gpu)  # the second node's tasks
+        assert env["LOCAL_RANK"] == str(localid) and env["RANK"] == str(NODE_GPUS + localid)
+        device = pick_device("auto", int(env["LOCAL_RANK"]), env)
         want = 0 if per_task_gpu else localid
         assert device == torch.device("cuda", want)
         assert fake_node[-1] == want < torch.cuda.device_count()  # never an "invalid device ordinal"
         # DeepSpeed's own set_device(LOCAL_RANK), zero.Init and NCCL's device_id read this variable
-        assert os.environ["LOCAL_RANK"] == str(want)
-        for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
-            monkeypatch.delenv(key)
+        assert env["LOCAL_RANK"] == str(want)
     assert len(fake_node) == NODE_GPUS
 
 
