@@ -104,6 +104,10 @@ def _bench(args: argparse.Namespace) -> int:
         from scale_hyper.bench import data
 
         return data.main(run)
+    if args.what == "prepare" and args.files:
+        from scale_hyper.bench import small_files
+
+        return small_files.main(run, args.files)
     if args.what == "prepare":
         from scale_hyper.bench import prepare
 
@@ -214,6 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sizes-only", action="store_true", help="verify: file sizes only, no checksums (fast)")
     p = verb("bench", _bench, "benchmarks that print figures")
     p.add_argument("what", choices=["data", "prepare", "train", "checkpoint"])
+    p.add_argument("--files", type=int, default=0, metavar="N",
+                   help="prepare: N small files of the embedded corpus against the same text as one file")  # fmt: skip
     p.add_argument("--size-mb", type=int, default=1024, metavar="N",
                    help="checkpoint: MiB of files to write and verify under train.output_dir (default 1024)")  # fmt: skip
     _with_configs(p)

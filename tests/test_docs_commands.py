@@ -128,6 +128,10 @@ NOT_RUNNABLE: Dict[Tuple[str, str], str] = {
         "a throughput benchmark whose figures are the point: minutes of timed steps by design (the overlay "
         "does not shrink its sweep); tests/test_bench.py runs the same verb narrowed by SCALE_HYPER_BENCH_*"
     ),
+    ("docs/benchmarks.md", "scale-hyper bench prepare --files 100000"): (
+        "prepares 100,000 files (~250 MB) three times: tens of minutes on 2 cores by design (the overlay does "
+        "not shrink its file count); tests/test_prepare_small_files.py runs the same measurement at 2,000 files"
+    ),
     # slurm/README.md
     ("slurm/README.md", "cd /path/to/scale-hyper"): "a placeholder path (the session already runs in a checkout)",
     ("slurm/README.md", "$EDITOR slurm/multi-node-srun.sbatch"): (

@@ -170,7 +170,7 @@ def _docs(cfg):
 @pytest.mark.parametrize(
     "name, kinds",
     [("c.txt", {"bytes"}), ("c.jsonl", {"bytes"}), ("c.jsonl.gz", {"file"}), ("c.jsonl.zst", {"file"}),
-     ("c.parquet", {"rowgroup"})],
+     ("c.parquet", {"rowgroups"})],
 )  # fmt: skip
 def test_file_formats_give_the_same_documents(corpus, tmp_path, name, kinds):
     root, docs = corpus
@@ -218,9 +218,11 @@ def test_hf_streaming_from_local_files(corpus, tmp_path, monkeypatch):
 
 def test_prepare_parquet_and_zst_end_to_end(corpus, tmp_path):
     root, docs = corpus
-    cfg = _cfg(tmp_path / "pq", source=str(root / "c.parquet"), text_field="body", max_documents=0, min_shards=4)
-    m = ensure_prepared(cfg, seed=1)
-    assert m["slices"] == 3 and m["documents"]["train"] + m["documents"]["val"] == len(docs)
+    cfg = _cfg(tmp_path / "pq", source=str(root / "c.parquet"), text_field="body", max_documents=0, min_shards=4,
+               slice_bytes=8192)  # fmt: skip
+    m = ensure_prepared(cfg, seed=1)  # its 3 row groups of ~70 KB: a slice each
+    assert m["slices"] == 3 and m["slice_files"] == [1, 1, 1]
+    assert m["documents"]["train"] + m["documents"]["val"] == len(docs)
     z = ensure_prepared(dataclasses.replace(cfg, output=str(tmp_path / "z"), source=str(root / "c.jsonl.zst")), 1)
     assert z["splits"]["train"]["tokens"] + z["splits"]["val"]["tokens"] > 0 and z["slices"] == 1
 

@@ -105,6 +105,7 @@ def test_local_sweep_stopped_resumes_then_has_nothing_to_do(shards, tmp_path):  
     report = (out_dir / "report" / "report.md").read_text()
     assert "2 of 2 runs finished" in report, report
     assert re.search(r"\| bert \| [+-]\d\.\d{4} \| .* over \d+ batches", report), report
+    assert "Clock spread not measured (one run per mixer)" in report  # the clock check, on real runs
     state = json.loads((out_dir / "sweep-state.json").read_text())
 
     # 3. Everything finished: nothing runs, the state is unchanged.

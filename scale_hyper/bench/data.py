@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import tempfile
 import time
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import numpy as np
 
@@ -38,12 +38,25 @@ def _synthetic(tmp: str, seq_len: int, vocab_size: int) -> dict:
 
 
 def _tokens_per_s(loader, seconds: float) -> float:
+    return _rates(loader, seconds)[0]
+
+
+def _rates(loader, seconds: float) -> Tuple[float, float]:
+    """Tokens per wall-clock second and per CPU-second of this process (an in-process loader: on a
+    machine shared with other work only the latter says what the loader costs)."""
     it = iter(loader)
     next(it)  # first shards read outside the timing, like a warmed-up worker
-    tokens, start = 0, time.perf_counter()
+    tokens, start, cpu = 0, time.perf_counter(), time.process_time()
     while time.perf_counter() - start < seconds:
         tokens += next(it)["input_ids"].numel()
-    return tokens / (time.perf_counter() - start)
+    return tokens / (time.perf_counter() - start), tokens / max(time.process_time() - cpu, 1e-9)
+
+
+def loader_tokens_per_s(data_cfg, manifest: dict, micro_batch_size: int, seconds: float = 3.0) -> Tuple[float, float]:
+    """Masked tokens per second and per CPU-second of one in-process loader worker over a prepared
+    ``manifest`` (rank 0 of 1)."""
+    loader = train_loader(data_cfg, manifest, seed=0, rank=0, world_size=1, micro_batch_size=micro_batch_size)
+    return _rates(loader, seconds)
 
 
 def measure(data_cfg, seq_len: int, micro_batch_size: int, seconds: float = 3.0) -> Dict[str, float]:
@@ -62,8 +75,7 @@ def measure(data_cfg, seq_len: int, micro_batch_size: int, seconds: float = 3.0)
         }
         out: Dict[str, float] = {"seq_len": seq_len}
         for name, cfg in variants.items():
-            loader = train_loader(cfg, manifest, seed=0, rank=0, world_size=1, micro_batch_size=micro_batch_size)
-            out[f"{name}_tokens_per_s"] = _tokens_per_s(loader, seconds)
+            out[f"{name}_tokens_per_s"] = loader_tokens_per_s(cfg, manifest, micro_batch_size, seconds)[0]
         out["loader_tokens_per_s"] = out["mixing_tokens_per_s"]
 
         masker = Masker(data_cfg.vocab_size, range(5), 4, data_cfg.mask_prob)

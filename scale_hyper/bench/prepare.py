@@ -41,7 +41,7 @@ def _corpus(data_cfg, tmp: str):
     return dataclasses.replace(data_cfg, source=path, text_field="text", slice_bytes=1 << 20)
 
 
-def _cpu_seconds() -> float:
+def cpu_seconds() -> float:
     """CPU time of this process and its finished children (the pool's workers once shut down):
     tokens per CPU-second holds on a machine shared with other work, where wall time does not."""
     me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -64,9 +64,9 @@ def measure(data_cfg, seed: int = 1234, workers=(1, 2)) -> Dict[str, float]:
         for w in workers:
             run = dataclasses.replace(cfg, output=os.path.join(tmp, f"w{w}"), prepare_workers=w)
             shutil.copytree(cfg.output, run.output)  # plan + tokenizer, no slices yet
-            t0, c0 = time.perf_counter(), _cpu_seconds()
+            t0, c0 = time.perf_counter(), cpu_seconds()
             preplib.run_task(run, plan, 0, 1)
-            dt, cpu = time.perf_counter() - t0, _cpu_seconds() - c0
+            dt, cpu = time.perf_counter() - t0, cpu_seconds() - c0
             m = mergelib.merge(run, plan)
             tokens = m["splits"]["train"]["tokens"] + m["splits"]["val"]["tokens"]
             out["tokens"] = tokens

@@ -72,7 +72,9 @@ class DataConfig(ConfigGroup):
     )
     seq_len: int = option(128, "tokens per packed sequence, [CLS] and [SEP] included (≤ model.max_position)", ge=4)
     sequences_per_block: int = option(64, "sequences per .npy tar member", ge=1)
-    sequences_per_shard: int = option(4096, "sequences per shard", ge=1)
+    sequences_per_shard: int = option(
+        4096, "sequences per shard (the last shard of each prepare slice: the rest)", ge=1
+    )
     min_shards: int = option(
         16, "small corpora are cut into at least this many shards (ranks × workers must fit)", ge=1
     )
@@ -81,7 +83,9 @@ class DataConfig(ConfigGroup):
         2, "local processes per `scale-hyper prepare` task, each tokenizing whole slices; 0 or 1 = in-process", ge=0
     )
     slice_bytes: int = option(
-        64 << 20, "prepare: uncompressed local text files are cut into slices of this many bytes", ge=4096
+        64 << 20,
+        "prepare: a slice holds consecutive whole input files, or a part of a larger one, of up to this many bytes",
+        ge=4096,
     )
     slice_documents: int = option(
         20_000, "prepare: stdlib, one-shard hf: sources and max_documents runs are cut into slices of N documents", ge=1

@@ -9,13 +9,16 @@ the same plan without talking to the others):
 
 1. Shard order. Epoch ``e`` visits the train shards in the permutation drawn from ``(seed, e)``.
    The shuffle happens before any splitting, so shards move across ranks from epoch to epoch.
-2. Slots. Each (rank, worker) pair is one of R × W slots (slot = rank × W + worker). Whole shards
-   are dealt round-robin in that order: slot k gets shards k, k + RW, k + 2RW, …. The last
-   ``n mod RW`` shards are concatenated and cut into RW equal contiguous parts, one per slot, so
-   no shard is left out of an epoch.
+2. Slots. Each (rank, worker) pair is one of R × W slots (slot = rank × W + worker). Shards of
+   `prepare` (manifest ``loader_deal: sequences``: full shards, the last of each slice shorter):
+   the shards, in that order, are concatenated and cut into RW equal contiguous parts, one per
+   slot: each slot reads a run of whole shards and at most a part of one at each end. Manifests
+   without it (earlier versions, shards of equal size): whole shards are dealt round-robin, slot k
+   gets shards k, k + RW, k + 2RW, …, and the last ``n mod RW`` shards are concatenated and cut
+   into RW equal contiguous parts. Either way no shard is left out of an epoch.
 3. Equal length. Every slot uses the same number of sequences, the smallest slot's count rounded
-   down to whole batches; the few leftover sequences (shards differ by at most one sequence) are
-   the only ones not seen in that epoch. Every rank therefore yields exactly the same number of
+   down to whole batches; the few leftover sequences (fewer than RW × B, or, round-robin, what
+   unequal shards leave over) are the only ones not seen in that epoch. Every rank therefore yields exactly the same number of
    batches per epoch: no rank runs dry first and leaves the others hanging in a collective.
 4. Within a shard, sequences are visited in a permutation drawn from ``(seed, e, shard)``.
    A slot reads ``data.shards_per_worker`` (k) of its shards at once, one sequence from each in

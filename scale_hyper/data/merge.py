@@ -11,7 +11,7 @@ from typing import Any, Dict, List, Optional
 
 from scale_hyper.data import shards as shardlib
 from scale_hyper.data import storage
-from scale_hyper.data.slices import PLAN, PrepareError, partial_name, plan_sha, read_partial
+from scale_hyper.data.slices import PLAN, PrepareError, partial_name, plan_sha, read_partial, slice_files
 
 
 def missing_slices(data_cfg, plan: Dict[str, Any]) -> List[int]:
@@ -79,6 +79,9 @@ def merge(data_cfg, plan: Dict[str, Any]) -> Dict[str, Any]:
         documents=documents,
     )
     manifest["slices"] = len(plan["slices"])  # added field: how many slices the shards came from
+    # added field: how many input files each slice held (None: a block of a document stream)
+    manifest["slice_files"] = slice_files(plan)
+    manifest["loader_deal"] = shardlib.DEAL_BY_SEQUENCES  # added field: shards of unequal size (shards.py)
     out = data_cfg.output
     storage.write_bytes(storage.join(out, shardlib.MANIFEST), shardlib.manifest_bytes(manifest), data_cfg.allow_pipe)
     return shardlib.load_manifest(out, data_cfg.allow_pipe)  # type: ignore[return-value]

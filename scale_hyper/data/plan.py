@@ -2,9 +2,10 @@
 
 ``LoaderSpec`` holds everything a loader worker needs (built from ``data.*``, the manifest, the seed
 and the rank layout by ``build_spec``). The layout (shard order per epoch, whole shards dealt
-round-robin to the R × W slots, the tail cut into equal parts, equal length per slot) is a pure
-function of the spec and the epoch, so every rank computes the same plan without talking to the
-others. The rules are described in ``scale_hyper.data.loader``'s module docstring.
+round-robin to the R × W slots, the tail cut into equal parts, equal length per slot; or, for shards
+of unequal size, the epoch's shard stream cut into R × W equal parts) is a pure function of the spec
+and the epoch, so every rank computes the same plan without talking to the others. The rules are
+described in ``scale_hyper.data.loader``'s module docstring.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ class LoaderSpec:
     fingerprint: str = ""
     lanes: int = 1  # data.shards_per_worker: stream parts a slot reads at once (``interleave``)
     buffer: int = 0  # data.shuffle_buffer: sequences a slot's shuffle window spans; 0 = off
+    by_sequences: bool = False  # the manifest's loader_deal: cut the epoch by sequences (``plan_slots``)
 
     @property
     def mixing(self) -> Tuple[int, int]:
@@ -94,6 +96,7 @@ def build_spec(
         fingerprint=data_fingerprint(manifest, split) if shards else "",
         lanes=max(1, int(getattr(data_cfg, "shards_per_worker", 1))),
         buffer=max(0, int(getattr(data_cfg, "shuffle_buffer", 0))),
+        by_sequences=manifest.get("loader_deal") == shardlib.DEAL_BY_SEQUENCES,
     )
 
 
@@ -138,9 +141,19 @@ def row_permutation(seed: int, epoch: int, shard: int, count: int) -> np.ndarray
     return _rng(seed, epoch, shard, 0x5E0).permutation(count)
 
 
-def plan_slots(order: Sequence[int], counts: Sequence[int], slots: int) -> Tuple[List[List[Segment]], int, int]:
-    """Deal shards to slots (see ``loader``'s module docstring). Returns (segments per slot, rounds, usable length)."""
+def plan_slots(
+    order: Sequence[int], counts: Sequence[int], slots: int, by_sequences: bool = False
+) -> Tuple[List[List[Segment]], int]:
+    """Deal an epoch's shards to slots (see ``loader``'s module docstring). Returns (segments per slot, usable length).
+
+    Round-robin: whole shards, ``slots`` at a time, then the tail cut into equal parts. ``by_sequences``:
+    the shards in ``order`` concatenated and cut into ``slots`` equal contiguous parts (each slot a run
+    of whole shards with at most a part of one at each end), so shards of unequal size lose nothing.
+    """
     order = [int(s) for s in order]
+    if by_sequences:
+        segs = _cut([(s, 0, counts[s]) for s in order], slots)
+        return segs, min(sum(hi - lo for _, lo, hi in seg) for seg in segs) if segs else 0
     rounds = len(order) // slots
     segs: List[List[Segment]] = [[] for _ in range(slots)]
     for r in range(rounds):
@@ -157,7 +170,7 @@ def plan_slots(order: Sequence[int], counts: Sequence[int], slots: int) -> Tuple
             if a < b:
                 segs[k].append((s, a - int(starts[j]), b - int(starts[j])))
     length = min(sum(hi - lo for _, lo, hi in seg) for seg in segs) if segs else 0
-    return segs, rounds, length
+    return segs, length
 
 
 # A re-split: (world_size, workers, micro batch, batches each rank had taken, shards_per_worker,
@@ -188,16 +201,18 @@ def _pick(segs: Sequence[Segment], runs: Sequence[Tuple[int, int]]) -> List[Segm
 
 def _cut(units: Sequence[Segment], slots: int) -> List[List[Segment]]:
     """The concatenation of ``units`` cut into ``slots`` equal contiguous parts (the last few dropped)."""
-    total = sum(hi - lo for _, lo, hi in units)
     starts = np.cumsum([0] + [hi - lo for _, lo, hi in units])
-    part = total // slots
+    part = int(starts[-1]) // slots
     segs: List[List[Segment]] = [[] for _ in range(slots)]
     for k in range(slots):
         a0, b0 = k * part, (k + 1) * part
-        for j, (s, lo, _) in enumerate(units):
+        j = max(0, int(np.searchsorted(starts, a0, side="right")) - 1)  # the unit where the part starts
+        while j < len(units) and starts[j] < b0:
+            s, lo, _ = units[j]
             a, b = max(a0, int(starts[j])), min(b0, int(starts[j + 1]))
             if a < b:
                 segs[k].append((s, lo + a - int(starts[j]), lo + b - int(starts[j])))
+            j += 1
     return segs
 
 
@@ -213,7 +228,7 @@ def slot_streams(
     re-split epoch reads every sequence not yet read exactly once, at sample granularity."""
     order = epoch_order(spec.seed, epoch, len(spec.counts))[skip:]
     first = resplits[0] if resplits else (spec.world_size, spec.workers, 0, 0)
-    streams, _, length = plan_slots(order, spec.counts, first[0] * first[1])
+    streams, length = plan_slots(order, spec.counts, first[0] * first[1], spec.by_sequences)
     for i, (_, workers, batch, done, *rest) in enumerate(resplits):
         units: List[Segment] = []
         used = length // max(1, batch) * batch

@@ -153,6 +153,7 @@ def get_plan(data_cfg, seed: int, create: bool, wait: bool = True) -> Dict[str, 
             import json
 
             plan = json.loads(raw)
+            slicelib.check_plan(plan, url, data_cfg.output)
             _check_matches(plan.get("config", {}), plan.get("source", {}), data_cfg, "a prepare plan")
             if plan.get("seed") != seed:
                 log.info("%s was planned with seed %s: it is kept (this run's seed: %s)", url, plan.get("seed"), seed)
@@ -160,7 +161,8 @@ def get_plan(data_cfg, seed: int, create: bool, wait: bool = True) -> Dict[str, 
         if create:
             plan = slicelib.make_plan(data_cfg, prepare_config(data_cfg), seed)
             storage.write_bytes(url, slicelib.canonical(plan), data_cfg.allow_pipe)
-            log.info("planned %d slices of %s in %s", len(plan["slices"]), data_cfg.source, url)
+            what = slicelib.describe_slices(slicelib.slice_files(plan))
+            log.info("planned %s of %s in %s", what, data_cfg.source, url)
             return plan
         if not wait:
             raise PrepareError(f"no {url}: nothing was prepared there yet — run `scale-hyper prepare CONFIG` first")
@@ -320,10 +322,12 @@ def task_from_env(task: Optional[int], tasks: Optional[int]) -> Tuple[int, int]:
 def summary(manifest: Dict[str, Any]) -> str:
     sp = manifest["splits"]
     val = sp.get("val", {"shards": [], "sequences": 0, "tokens": 0})
+    files = manifest.get("slice_files")  # absent from manifests of earlier versions
+    origin = f" from {slicelib.describe_slices(files)}" if files else ""
     return (
         f"{manifest['location']}: {len(sp['train']['shards'])} train shards ({sp['train']['sequences']:,} sequences, "
         f"{sp['train']['tokens']:,} tokens), {len(val['shards'])} val shards ({val['sequences']:,} sequences, "
-        f"{val['tokens']:,} tokens); seq_len {manifest['seq_len']}, vocab {manifest['vocab_size']} "
+        f"{val['tokens']:,} tokens){origin}; seq_len {manifest['seq_len']}, vocab {manifest['vocab_size']} "
         f"({manifest['dtype']}); tokenizer in {manifest['tokenizer']['path']}/"
     )
 
@@ -341,7 +345,8 @@ def main(cfg, task: Optional[int] = None, tasks: Optional[int] = None, step: str
             _validate(data)
             with space.full_disk_is_one_line(data):
                 plan = get_plan(data, seed, create=True)
-            print(f"planned {len(plan['slices'])} slices in {storage.join(data.output, slicelib.PLAN)}")
+            what = slicelib.describe_slices(slicelib.slice_files(plan))
+            print(f"planned {what} in {storage.join(data.output, slicelib.PLAN)}")
             return 0
         if step == "merge":
             with space.full_disk_is_one_line(data):

@@ -32,6 +32,11 @@ from scale_hyper.data import storage
 FORMAT = "scale-hyper-mlm-shards"
 VERSION = 1
 MANIFEST = "manifest.json"
+# A manifest's "loader_deal" (written by prepare's merge): its shards are full but the last of each
+# slice, so whole shards dealt round-robin would leave the loader's slots of unequal length (each cut
+# to the shortest); the loader cuts each epoch by sequences instead (``plan.plan_slots``). Manifests
+# without it (earlier versions, ``write_arrays``) keep the round-robin layout they were read with.
+DEAL_BY_SEQUENCES = "sequences"
 # train-000003.tar (one-pass prepare) or train-000012-0003.tar (shard 3 of slice 12)
 _SHARD_NAME = re.compile(r"^(train|val)-[0-9]{6,}(-[0-9]{4,})?\.tar$")
 

@@ -4,7 +4,8 @@ Files under ``data.output`` (all written through ``storage``, so an ``s3://`` ou
 
 - ``tokenizer/``: written by the plan step, before any slice.
 - ``slices/plan.json``: the plan: the prepare settings, the source, the seed, the tokenizer's hash
-  and every slice. Written once; later steps and tasks read it and refuse a config that contradicts it.
+  and every slice (with how many input files it holds). Written once; later steps and tasks read it
+  and refuse a config that contradicts it, or a plan of an older layout (``PLAN_VERSION``).
 - ``train-SSSSSS-JJJJ.tar``/``val-…``: the shards of slice S.
 - ``slices/SSSSSS.json``: the slice's partial manifest, written after its shards: its presence
   means the slice is complete. A slice without one (a task killed mid-slice) is redone, and its
@@ -13,9 +14,11 @@ Files under ``data.output`` (all written through ``storage``, so an ``s3://`` ou
 Each slice is independent: its documents are tokenized, split train/val (document ``i`` of the
 slice goes to validation when ``floor((i+1)·f + u) > floor(i·f + u)``, ``f = data.val_fraction``,
 ``u`` drawn from the seed and the slice id: exactly the fraction ``f``, decided per document), packed,
-and the training sequences shuffled within the slice (seeded by seed and slice id) and cut into
-``max(ceil(n / sequences_per_shard), ceil(min_shards / slices))`` shards. Nothing depends on which
-task or process made a slice, so the output bytes do not either.
+and the training sequences shuffled within the slice (seeded by seed and slice id). Each split is
+cut into shards of ``data.sequences_per_shard`` sequences, the last shard of the slice holding the
+rest; where ``ceil(min_shards / slices)`` asks for more training shards than that (a small corpus),
+into that many shards of equal size instead. Nothing depends on which task or process made a
+slice, so the output bytes do not either.
 """
 
 from __future__ import annotations
@@ -38,6 +41,9 @@ log = logging.getLogger("scale_hyper.data")
 
 PLAN = "slices/plan.json"
 PLAN_FORMAT = "scale-hyper-prepare-plan"
+# 2: slices are runs of whole small files (or parts of a large one) of up to data.slice_bytes, and
+# shards are full but the last. A plan without a version (one slice per file) is refused, not resumed.
+PLAN_VERSION = 2
 _CHUNK_CHARS = 256_000  # documents per encode_batch call: bounded memory, enough to amortise the call
 
 
@@ -55,8 +61,43 @@ def canonical(obj: Any) -> bytes:
     return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
 
 
+_SHA: Dict[int, Any] = {}
+
+
 def plan_sha(plan: Dict[str, Any]) -> str:
-    return hashlib.sha256(canonical(plan)).hexdigest()
+    """The plan's hash (every partial names it), computed once per plan object: a plan of 100 000
+    files is megabytes of JSON, and every slice checked or made asks for it."""
+    hit = _SHA.get(id(plan))
+    if hit is None or hit[0] is not plan:
+        hit = _SHA[id(plan)] = (plan, hashlib.sha256(canonical(plan)).hexdigest())
+        while len(_SHA) > 8:
+            _SHA.pop(next(iter(_SHA)))
+    return hit[1]
+
+
+def describe_slices(files: List[Optional[int]]) -> str:
+    """'3 slices (10,000 input files, 3,334 per slice at most)', from each slice's file count (None:
+    a block of a document stream), as the plan's slices and the manifest's ``slice_files`` give them."""
+    n = f"{len(files)} slice{'s' if len(files) != 1 else ''}"
+    known = [f for f in files if f]
+    if not known:
+        return n
+    return f"{n} ({sum(known):,} input files, {max(known):,} per slice at most)"
+
+
+def slice_files(plan: Dict[str, Any]) -> List[Optional[int]]:
+    return [sl.get("files") for sl in plan["slices"]]
+
+
+def check_plan(plan: Dict[str, Any], url: str, output: str) -> None:
+    """Refuse a plan this version cannot continue (an older slice layout), with the command that re-prepares."""
+    if plan.get("format") != PLAN_FORMAT or plan.get("version") != PLAN_VERSION:
+        raise PrepareError(
+            f"{url} is a prepare plan of another version of scale-hyper (plan version {plan.get('version', 1)}, "
+            f"this one continues version {PLAN_VERSION}: slices of several small files) and its manifest.json was "
+            f"never written — delete it and prepare again: `rm -r {output} && scale-hyper prepare CONFIG` "
+            "(or choose another data.output)"
+        )
 
 
 # --- the plan (tokenizer step) ------------------------------------------------------------------
@@ -82,6 +123,7 @@ def make_plan(data_cfg, config: Dict[str, Any], seed: int) -> Dict[str, Any]:
         storage.write_bytes(storage.join(out, f"{toklib.TOKENIZER_DIR}/{name}"), data, allow_pipe)
     return {
         "format": PLAN_FORMAT,
+        "version": PLAN_VERSION,
         "config": config,
         "source": sources.describe(data_cfg),
         "seed": seed,
@@ -162,6 +204,7 @@ def run_slice(data_cfg, plan: Dict[str, Any], tok, slice_id: int, docs: Optional
             "plan": plan_sha(plan),
             "tokenizer": plan["tokenizer"]["sha256"],
             "config": plan["config"],
+            "files": sl.get("files"),
             "documents": {k: p.documents for k, p in packers.items()},
             "splits": splits,
         }
@@ -203,10 +246,10 @@ def _chunks(docs):
 def _shard_sizes(data_cfg, plan, n: int, split: str) -> List[int]:
     if n == 0:
         return []
-    n_shards = math.ceil(n / data_cfg.sequences_per_shard)
+    at_least = 1
     if split == "train":  # a small corpus still gives about min_shards shards in all
-        n_shards = max(n_shards, min(math.ceil(data_cfg.min_shards / len(plan["slices"])), n))
-    return shardlib.even_sizes(n, n_shards)
+        at_least = min(math.ceil(data_cfg.min_shards / len(plan["slices"])), n)
+    return shard_sizes(n, data_cfg.sequences_per_shard, at_least)
 
 
 def _write_split(data_cfg, plan, rows: np.ndarray, split: str, slice_id: int, pad_id: int) -> Dict[str, Any]:
@@ -227,3 +270,12 @@ def _write_split(data_cfg, plan, rows: np.ndarray, split: str, slice_id: int, pa
             )
         )
     return {"sequences": n, "tokens": sum(e["tokens"] for e in entries), "shards": entries}
+
+
+def shard_sizes(n: int, per_shard: int, at_least: int = 1) -> List[int]:
+    """``n`` sequences as full shards of ``per_shard`` and the rest in the last; or, when that gives
+    fewer than ``at_least`` shards, ``at_least`` shards of equal size (±1)."""
+    full, rest = divmod(n, per_shard)
+    if full + (rest > 0) < at_least:
+        return shardlib.even_sizes(n, at_least)
+    return [per_shard] * full + ([rest] if rest else [])

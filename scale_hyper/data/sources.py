@@ -22,7 +22,7 @@ import os
 import sys
 import sysconfig
 from functools import lru_cache
-from typing import Any, Callable, Dict, Iterator, List
+from typing import Any, Callable, Dict, Iterable, Iterator, List
 
 from scale_hyper.data import formats
 
@@ -45,7 +45,7 @@ def _raw_documents(cfg) -> Iterator[str]:
         return iter(_stdlib_documents())
     if source.startswith("hf:"):
         return _hf_documents(cfg)
-    return _file_documents(local_files(source), cfg)
+    return _file_documents(cfg)
 
 
 def describe(cfg) -> Dict[str, Any]:
@@ -191,14 +191,15 @@ def local_files(source: str) -> List[str]:
 def plan_slices(cfg) -> List[Dict[str, Any]]:
     """The corpus cut into slices (see prepare.py), each with its ``id``; fixed by the corpus alone.
 
-    Files are cut by ``formats.file_slices``; a stream that cannot be entered in the middle (stdlib,
-    a one-shard ``hf:`` dataset, or any source with ``data.max_documents``) is read once here to
-    count its documents and cut into blocks of ``data.slice_documents``.
+    Files are cut into parts by ``formats.file_slices`` and runs of consecutive whole files are
+    joined (``_join_whole_files``); a stream that cannot be entered in the middle (stdlib, a one-shard
+    ``hf:`` dataset, or any source with ``data.max_documents``) is read once here to count its
+    documents and cut into blocks of ``data.slice_documents``.
     """
     if cfg.source.startswith("hf:") and not cfg.max_documents:
         n = _hf_dataset(cfg).num_shards
         if n > 1:
-            return [{"id": k, "kind": "hf_shard", "shard": k, "of": n} for k in range(n)]
+            return [{"id": k, "kind": "hf_shard", "shard": k, "of": n, "files": 1} for k in range(n)]
     if cfg.source == "stdlib" or cfg.source.startswith("hf:") or cfg.max_documents:
         total = sum(1 for _ in iter_documents(cfg))
         if total == 0:
@@ -206,11 +207,34 @@ def plan_slices(cfg) -> List[Dict[str, Any]]:
         step = cfg.slice_documents
         starts = range(0, max(total, 1), step)
         return [{"id": k, "kind": "docs", "start": a, "end": min(total, a + step)} for k, a in enumerate(starts)]
-    out: List[Dict[str, Any]] = []
-    for path in local_files(cfg.source):
-        for sl in formats.file_slices(path, cfg.text_field, cfg.slice_bytes):
-            out.append({"id": len(out), **sl})
-    return out
+    return [{"id": k, **sl} for k, sl in enumerate(_file_slices(cfg))]
+
+
+def _file_slices(cfg) -> Iterator[Dict[str, Any]]:
+    parts = (p for path in local_files(cfg.source) for p in formats.file_slices(path, cfg.text_field, cfg.slice_bytes))
+    return _join_whole_files(parts, cfg.slice_bytes)
+
+
+def _join_whole_files(parts: Iterable[Dict[str, Any]], slice_bytes: int) -> Iterator[Dict[str, Any]]:
+    """Consecutive whole files joined into slices of up to ``slice_bytes`` (``kind: files``, with
+    [path, bytes] per file); every other part (a byte range, row groups, a remote file) is a slice
+    alone. Every slice says how many input files it holds (``files``)."""
+    run: List[List[Any]] = []
+    size = 0
+    for part in parts:
+        if part["kind"] == "whole" and (not run or size + part["bytes"] <= slice_bytes):
+            run.append([part["file"], part["bytes"]])
+            size += part["bytes"]
+            continue
+        if run:
+            yield {"kind": "files", "paths": run, "bytes": size, "files": len(run)}
+            run, size = [], 0
+        if part["kind"] == "whole":
+            run, size = [[part["file"], part["bytes"]]], part["bytes"]
+        else:
+            yield {**part, "files": 1}
+    if run:
+        yield {"kind": "files", "paths": run, "bytes": size, "files": len(run)}
 
 
 def slice_documents(cfg, sl: Dict[str, Any]) -> Iterator[str]:
@@ -219,15 +243,20 @@ def slice_documents(cfg, sl: Dict[str, Any]) -> Iterator[str]:
         docs: Iterator[str] = itertools.islice(iter_documents(cfg), sl["start"], sl["end"])
     elif sl["kind"] == "hf_shard":
         docs = _hf_rows(cfg, _hf_dataset(cfg).shard(num_shards=sl["of"], index=sl["shard"]))
+    elif sl["kind"] == "files":
+        docs = (d for path, _ in sl["paths"] for d in formats.slice_documents(_whole(path), cfg.text_field))
     else:
         docs = formats.slice_documents(sl, cfg.text_field)
     return (d for d in docs if d and not d.isspace())
 
 
-def _file_documents(files: List[str], cfg) -> Iterator[str]:
-    for path in files:
-        for sl in formats.file_slices(path, cfg.text_field, cfg.slice_bytes):
-            yield from formats.slice_documents(sl, cfg.text_field)
+def _whole(path: str) -> Dict[str, Any]:
+    return {"kind": "whole", "file": path}
+
+
+def _file_documents(cfg) -> Iterator[str]:
+    for sl in _file_slices(cfg):
+        yield from slice_documents(cfg, sl)
 
 
 # --- Hugging Face datasets ----------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """The report's PNGs: each mixer at its selected lr (seed mean, min–max band) against tokens, training
 FLOPs and wall-clock, and the lr sweep (final loss per lr, one dot per seed). The y-axis is fitted to
 the part of the curves after the first quarter of the budget, so the differences between mixers fill
-the axes rather than the first drop from the initial loss."""
+the axes rather than the first drop from the initial loss. Token and FLOP axes read 200k, 1.2M, 3T.
+When the clock was noisy (``clock``), the wall-clock figure says so in a red title."""
 
 from __future__ import annotations
 
@@ -44,7 +45,15 @@ def _save(fig: Any, ax: Any, xlabel: str, ylabel: str, path: Path) -> str:
     return path.name
 
 
-def draw(rows: List[Dict[str, Any]], chosen: Dict[str, Any], out: Path, prefix: str) -> List[str]:
+def si_formatter() -> Any:
+    """Tick labels with SI prefixes and no space: 200000 -> 200k, 1200000 -> 1.2M."""
+    from matplotlib.ticker import EngFormatter
+
+    return EngFormatter(sep="")
+
+
+def draw(rows: List[Dict[str, Any]], chosen: Dict[str, Any], out: Path, prefix: str, unreliable: str = "") -> List[str]:
+    """The figures of one comparison group; ``unreliable``: the title that marks the wall-clock one."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -64,6 +73,10 @@ def draw(rows: List[Dict[str, Any]], chosen: Dict[str, Any], out: Path, prefix: 
             series.append((grid, hi))
             series.append((grid, lo))
         _ylim(ax, series)
+        if x != "seconds":
+            ax.xaxis.set_major_formatter(si_formatter())
+        elif unreliable:
+            ax.set_title(unreliable, color="tab:red", fontsize=8, fontweight="bold")
         names.append(
             _save(
                 fig, ax, label, "validation MLM loss (seed mean, min–max band)", out / f"{prefix}_val_loss_vs_{x}.png"

@@ -8,7 +8,9 @@ comparison at equal tokens, at equal training FLOPs (``models/flops.py``) and at
 baseline against HyperBERT the seed spread of the difference and the paired test over validation
 batches (``stats``). Transplant runs get their own table. Curves come from ``RUN/metrics.jsonl``;
 wall-clock is the sum of each logging window's tokens / tokens-per-second (setup excluded,
-evaluations and saves inside the windows included).
+evaluations and saves inside the windows included). Where the train time per token of a mixer's
+runs spreads by more than ``clock.SPREAD_MAX``, the wall-clock column and figure are marked
+unreliable, with the spread, instead of compared.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Any, Dict, List, Tuple
 
 import numpy as np
 
-from scale_hyper.sweep import stats
+from scale_hyper.sweep import clock, stats
 from scale_hyper.sweep.expand import Run, _fmt
 from scale_hyper.sweep.spec import Spec
 from scale_hyper.sweep.state import Paths, train_done
@@ -113,6 +115,8 @@ def _grid_ends(lines: List[str]) -> Tuple[str, str]:
 
 def group_section(name: str, rows: List[Dict[str, Any]], figures: List[str]) -> List[str]:
     chosen = best_lr(rows)
+    spread = clock.spreads(rows)
+    loud = clock.noisy(spread)
     md = [f"## Comparison: {name}" if name else "## Comparison", "",
           "Final validation MLM loss (training's own validation at the last step, the same batches for every run):", "",
           "| mixer | lr | seeds | mean ± std | min–max | |", "|---|---:|---:|---:|---:|---|"]  # fmt: skip
@@ -131,24 +135,31 @@ def group_section(name: str, rows: List[Dict[str, Any]], figures: List[str]) -> 
             "outside the grid; extend `train.lr` in the spec (finished runs are reused) before concluding.",
             "",
         ]
+    md += clock.warning_lines(spread)
     best_rows = {m: v[1] for m, v in chosen.items()}
     ends = {
         x: min(float(r["curve"][x][-1]) for rs in best_rows.values() for r in rs)
         for x in ("tokens", "flops", "seconds")
     }
-    md += [f"Each mixer at its selected lr. Equal FLOPs = {ends['flops']:.3g} training FLOPs, equal wall-clock = "
-           f"{ends['seconds']:.0f} s (the smallest budget any mixer reached; losses interpolated on each run's curve):", "",
+    budget = "the smallest budget any mixer reached; losses interpolated on each run's curve"
+    md += [f"Each mixer at its selected lr. Equal FLOPs = {ends['flops']:.3g} training FLOPs"
+           + (f" ({budget}); equal wall-clock is not compared: the clock spread is above the limit (see the warning):"
+              if loud else f", equal wall-clock = {ends['seconds']:.0f} s ({budget}):"), "",
            "| mixer | params | lr | seeds | tokens | val loss (equal tokens) | min–max | eval loss (per-batch run) "
-           "| val loss at equal FLOPs | at equal wall-clock | train s | GLUE avg |",
-           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+           "| val loss at equal FLOPs | at equal wall-clock | train s | clock spread | GLUE avg |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
     for mixer, rs in sorted(best_rows.items()):
         finals = [r["final"] for r in rs]
         evals = [r["eval_loss"] for r in rs if r["eval_loss"] is not None]
         glue = [100 * r["glue"] for r in rs if r["glue"] is not None]
+        at_wall = (
+            f"unreliable ({clock.percent(spread[mixer]['cv'])})" if loud else _ms(at(rs, "seconds", ends["seconds"]))
+        )
         md.append(f"| {mixer} | {rs[0]['params']:,} | {chosen[mixer][0]} | {len(rs)} | {int(rs[0]['curve']['tokens'][-1]):,} "
                   f"| {_ms(finals)} | {_range(finals)} | {_ms(evals) if evals else '–'} "
-                  f"| {_ms(at(rs, 'flops', ends['flops']))} | {_ms(at(rs, 'seconds', ends['seconds']))} "
-                  f"| {_ms([float(r['curve']['seconds'][-1]) for r in rs], '.0f')} | {_ms(glue, '.1f') if glue else '–'} |")  # fmt: skip
+                  f"| {_ms(at(rs, 'flops', ends['flops']))} | {at_wall} "
+                  f"| {_ms([float(r['curve']['seconds'][-1]) for r in rs], '.0f')} "
+                  f"| {clock.percent(spread[mixer]['cv'])} | {_ms(glue, '.1f') if glue else '–'} |")  # fmt: skip
     if REFERENCE in best_rows:
         md += ["", *difference_lines(best_rows)]
     md += ["", *[f"![{f}]({f})" for f in figures], ""]
@@ -219,7 +230,7 @@ def write(spec: Spec, paths: Paths, runs: List[Run]) -> Path:
             groups.setdefault(row["run"].group, []).append(row)
     for n, (group, grows) in enumerate(sorted(groups.items())):
         label = ", ".join(f"{k}={v}" for k, v in group)
-        figures = plots.draw(grows, best_lr(grows), out, f"g{n}")
+        figures = plots.draw(grows, best_lr(grows), out, f"g{n}", unreliable=clock.figure_note(grows))
         md += group_section(label, grows, figures)
     md += transplant_section(rows)
     path = out / "report.md"
