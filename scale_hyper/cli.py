@@ -128,8 +128,9 @@ def _bench(args: argparse.Namespace) -> int:
 
         return checkpoint.main(run, args.size_mb)
     from scale_hyper.bench import train
+    from scale_hyper.engine.bench_step import trainer_step  # the "+deepspeed" rows: bench does not import engine
 
-    return train.main(run)
+    return train.main(run, trainer_step=trainer_step)
 
 
 def _eval(args: argparse.Namespace) -> int:

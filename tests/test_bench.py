@@ -84,11 +84,12 @@ def test_run_bench_reports_mfu_when_the_peak_is_known(monkeypatch):
 def test_oom_marks_the_row_and_skips_longer_sequences(monkeypatch):
     calls = []
 
-    def fake_measure(build, batch, run, device, precision, steps, warmup, compiled=False, sparse=True):
+    def fake_measure(build, batch, run, device, make_step, steps, warmup):
         calls.append(batch["input_ids"].shape[1])
+        sparse = make_step.keywords["sparse"]
         if sparse and batch["input_ids"].shape[1] >= 32:  # ours OOMs from 32 on, HF (sparse=False) never
             raise RuntimeError("CUDA out of memory. Tried to allocate 1 GiB")
-        return [0.01], None
+        return [0.01], None, "fake"
 
     monkeypatch.setattr(bench, "measure", fake_measure)
     plan = bench.Plan(["hyla"], ["tiny"], {"tiny": [16, 32, 64]}, tokens_per_step=64, steps=1, warmup=1)
@@ -134,3 +135,23 @@ def test_zero3_resident_hypernetwork_gathers_fewer_bytes(tmp_path):
     for r in results.values():
         assert r["bytes_per_step"]["reduce_scatter"] > 0  # gradients are still reduce-scattered
     assert resident["losses"] == pytest.approx(partitioned["losses"], rel=1e-5)
+
+
+def test_deepspeed_rows_run_the_trainers_engine(tmp_path):
+    """SCALE_HYPER_BENCH_DEEPSPEED=1: a "+deepspeed" row runs the step `train` runs (DeepSpeed's
+    engine as engine/setup.py builds it, here bf16 on the CPU) beside the plain-torch row."""
+    out = tmp_path / "bench.json"
+    env = dict(
+        os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", SCALE_HYPER_BENCH_MIXERS="hyperbert",
+        SCALE_HYPER_BENCH_SIZES="tiny", SCALE_HYPER_BENCH_SEQ="32", SCALE_HYPER_BENCH_TOKENS="128",
+        SCALE_HYPER_BENCH_STEPS="2", SCALE_HYPER_BENCH_JSON=str(out), SCALE_HYPER_BENCH_DEEPSPEED="1",
+    )  # fmt: skip
+    cmd = [sys.executable, "-m", "scale_hyper", "bench", "train", "train.device=cpu", "deepspeed.precision=bf16"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = {r["mixer"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"hyperbert", "hyperbert+deepspeed", bench.HF}
+    assert all(r["status"] == "ok" and r["tokens_per_s"] > 0 for r in rows.values())
+    assert rows["hyperbert+deepspeed"]["step"].startswith("DeepSpeed ZeRO-1 bf16, AdamW")
+    assert rows["hyperbert"]["step"].startswith("torch, fp32")
+    assert "hyperbert+deepspeed" in proc.stdout

@@ -202,3 +202,24 @@ def test_kernel_against_reference_in_the_interpreter(tmp_path, fault):
         )
     else:
         assert row["status"] == "PASS"
+
+
+def test_kernel_row_runs_the_models_geometry_on_both_reduction_paths():
+    """On a GPU (its SM count given; nothing runs here) the kernel row checks the model's own d/H and
+    d'/H at the trainer's micro-batch × seq_len with the SPLIT the kernel picks there, plus the other
+    reduction path; an unsupported geometry falls back to 4 heads of 64."""
+    from scale_hyper.config import load_config
+    from scale_hyper.doctor.kernels import kernel_cases
+
+    base = load_config(["hyperbert-base", "train.micro_batch_size=32", "data.seq_len=512"])
+    training, other = kernel_cases(base, gpu_sms=132, supported=True)
+    assert (training["b"], training["n"], training["heads"], training["c"], training["p"]) == (32, 512, 12, 64, 64)
+    assert training["split"] == 1 and training["mask"]  # 384 programs >= 2 x 132 SMs: the in-kernel epilogue
+    assert other["b"] == 2 and other["split"] >= 2 and other["n"] == 512  # the split-N partial sums
+    short = load_config(["hyperbert-base", "train.micro_batch_size=8", "data.seq_len=8192", "model.max_position=8192"])
+    training, other = kernel_cases(short, gpu_sms=132, supported=True)
+    assert training["split"] == 3 and other["split"] == 1  # training splits: the single pass is the other
+    odd, _ = kernel_cases(load_config(["hyperbert-base"]), gpu_sms=132, supported=False)
+    assert (odd["heads"], odd["c"], odd["p"]) == (4, 64, 64)
+    interpreted = kernel_cases(base, gpu_sms=None, supported=True)
+    assert [c["split"] for c in interpreted] == [1, 2] and all(c["c"] == 16 for c in interpreted)

@@ -19,6 +19,7 @@ class Row:
     peak_mem_bytes: Optional[int] = None
     vs_hf: Optional[float] = None
     step_times_ms: List[float] = field(default_factory=list)
+    step: str = ""  # what one step ran (plain torch and its precision, or the trainer's DeepSpeed engine)
 
 
 COLUMNS = ("mixer", "size", "seq_len", "batch", "tokens/s", "x HF", "MFU", "peak mem", "step ms")

@@ -19,11 +19,18 @@ What is swept (the CLI hands over only the RunConfig, and no schema field is add
       SCALE_HYPER_BENCH_MIXERS (default bert,hyperbert,hypermixer,hyla; "hf" is always added),
       SCALE_HYPER_BENCH_SIZES (tiny, mini, base, large), SCALE_HYPER_BENCH_SEQ (e.g. 128,512),
       SCALE_HYPER_BENCH_TOKENS (tokens per step), SCALE_HYPER_BENCH_STEPS (timed steps; warm-up is
-      steps // 4, at least 1), SCALE_HYPER_BENCH_JSON (also write the rows as JSON to this path).
+      steps // 4, at least 1), SCALE_HYPER_BENCH_JSON (also write the rows as JSON to this path),
+      SCALE_HYPER_BENCH_DEEPSPEED=1 (adds a "+deepspeed" row per mixer: the trainer's own step, below).
   * taken from the config: train.device (auto | cpu | cuda), deepspeed.precision (auto = bf16 on a
     bf16 GPU, else fp32), train.compile (CUDA only: adds a `torch.compile`d row per mixer),
     and on CUDA with Triton installed a "+triton" row (model.mixer_kernel=triton) for hyperbert and hypermixer,
     data.mask_prob, train.lr / adam_betas / adam_eps / weight_decay, train.seed.
+
+The "+deepspeed" rows run what `scale-hyper train` runs instead of plain torch: the same model under
+the DeepSpeed engine `train` builds (``engine.bench_step``: the generated DeepSpeed config with this
+config's ZeRO stage and precision — bf16 weights with fp32 masters on a bf16 GPU, not autocast —,
+its AdamW, model.mixer_kernel from the config, train.compile), micro-batch = the row's batch, one
+process; the plain-torch rows beside them measure the model alone.
 
 Analytic MFU = `models.flops.train_flops_per_token(model, seq_len, mask_prob) × tokens/s / peak_flops`,
 reported only where `models.flops.peak_flops` knows the device (never on CPU). HF's MFU counts its
@@ -41,7 +48,8 @@ import os
 import statistics
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable, Dict, List, Optional
+from functools import partial
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -52,6 +60,7 @@ from scale_hyper.models import MIXERS, ModelConfig, build_model
 from scale_hyper.models.flops import peak_flops, train_flops_per_token
 
 HF = "hf-bert"
+DEEPSPEED = "deepspeed"  # the kernel slot of a row that runs the trainer's DeepSpeed step
 ENV = "SCALE_HYPER_BENCH_"
 
 
@@ -63,6 +72,7 @@ class Plan:
     tokens_per_step: int
     steps: int
     warmup: int
+    deepspeed: bool = False  # "+deepspeed" rows: the trainer's own DeepSpeed step (SCALE_HYPER_BENCH_DEEPSPEED=1)
 
 
 def _env_list(name: str) -> Optional[List[str]]:
@@ -96,7 +106,8 @@ def make_plan(device: torch.device) -> Plan:
     if os.environ.get(ENV + "STEPS"):
         steps = int(os.environ[ENV + "STEPS"])
         warmup = max(1, steps // 4)
-    return Plan([m for m in MIXERS if m in mixers], sizes, seq, tokens, steps, warmup)
+    deepspeed = os.environ.get(ENV + "DEEPSPEED", "0") not in ("", "0")
+    return Plan([m for m in MIXERS if m in mixers], sizes, seq, tokens, steps, warmup, deepspeed)
 
 
 def mfu(mc: ModelConfig, seq_len: int, tokens_per_s: float, peak: Optional[float], mask_prob: float) -> Optional[float]:
@@ -147,60 +158,69 @@ def synthetic_batch(mc: ModelConfig, batch: int, seq_len: int, mask_prob: float,
     return {"input_ids": ids.to(device), "labels": labels.to(device)}
 
 
-def measure(
-    build: Callable[[], torch.nn.Module],
-    batch: dict,
-    run: RunConfig,
-    device: torch.device,
-    precision: str,
-    steps: int,
-    warmup: int,
-    compile_model: bool = False,
-    sparse: bool = True,
-) -> tuple[List[float], Optional[int]]:
-    """Per-step wall times (seconds) of `steps` timed training steps, and the row's peak memory."""
-    memory = PeakMemory(device)
-    torch.manual_seed(run.train.seed)
-    model = build().to(device).train()
+Step = Callable[[dict], None]
+Made = Tuple[Step, Callable[[], None], str]  # step(batch), close(), what the step runs (Row.step)
+StepFactory = Callable[[RunConfig, torch.nn.Module, int], Made]
+
+
+def torch_step(run: RunConfig, model: torch.nn.Module, precision: str, compile_model: bool, sparse: bool) -> Made:
+    """The plain-torch rows' step: autocast forward, backward, AdamW (fused on CUDA)."""
+    device = next(model.parameters()).device
     t = run.train
     opt_kwargs = {"fused": True} if device.type == "cuda" else {}
-    optimizer = torch.optim.AdamW(
-        model.parameters(),
-        lr=t.lr,
-        betas=(t.adam_betas[0], t.adam_betas[1]),
-        eps=t.adam_eps,
-        weight_decay=t.weight_decay,
-        **opt_kwargs,
-    )
+    optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=(t.adam_betas[0], t.adam_betas[1]),
+                                  eps=t.adam_eps, weight_decay=t.weight_decay, **opt_kwargs)  # fmt: skip
     step_model = torch.compile(model) if compile_model else model
     extra = {"sparse_logits": True} if sparse else {}
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
 
-    def step() -> None:
+    def step(batch: dict) -> None:
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             loss = step_model(**batch, **extra).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
+    what = f"torch, {'autocast ' + precision if dtype is not None else 'fp32'}, AdamW{' (fused)' if opt_kwargs else ''}"
+    return step, lambda: optimizer.zero_grad(set_to_none=True), what + (", torch.compile" if compile_model else "")
+
+
+def measure(
+    build: Callable[[], torch.nn.Module],
+    batch: dict,
+    run: RunConfig,
+    device: torch.device,
+    make_step: Callable[[torch.nn.Module], Made],
+    steps: int,
+    warmup: int,
+) -> tuple[List[float], Optional[int], str]:
+    """Per-step wall times (seconds) of `steps` timed training steps, the row's peak memory, and
+    what the step ran."""
+    memory = PeakMemory(device)
+    torch.manual_seed(run.train.seed)
+    step, close, what = make_step(build().to(device).train())
     try:
         for _ in range(warmup):
-            step()
+            step(batch)
         sync(device)
         times = []
         for _ in range(steps):
             start = time.perf_counter()
-            step()
+            step(batch)
             sync(device)
             times.append(time.perf_counter() - start)
-        return times, memory.peak()
+        return times, memory.peak(), what
     finally:
-        optimizer.zero_grad(set_to_none=True)
+        close()
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
 
-def run_bench(run: RunConfig, plan: Optional[Plan] = None, log=print) -> tuple[List[Row], dict]:
+def run_bench(
+    run: RunConfig, plan: Optional[Plan] = None, log=print, trainer_step: Optional[StepFactory] = None
+) -> tuple[List[Row], dict]:
+    """trainer_step (engine.bench_step.trainer_step, handed in by the CLI): adds a "+deepspeed" row
+    per mixer when the plan asks for it (SCALE_HYPER_BENCH_DEEPSPEED=1)."""
     device = pick_device(run.train.device)
     plan = plan or make_plan(device)
     precision = pick_precision(run.deepspeed.precision, device)
@@ -212,9 +232,13 @@ def run_bench(run: RunConfig, plan: Optional[Plan] = None, log=print) -> tuple[L
     fused = [m for m in plan.mixers if m in ("hyperbert", "hypermixer")] if _fused_kernel_runs(device) else []
     eager = [(m, False, "torch") for m in plan.mixers] + [(m, False, "triton") for m in fused]
     variants = eager + ([(m, True, k) for m, _, k in eager] if compile_too else []) + [(HF, False, "torch")]
+    if plan.deepspeed:
+        if trainer_step is None:
+            raise ValueError(f"{ENV}DEEPSPEED=1 needs the trainer's step: run it as `scale-hyper bench train`")
+        variants += [(m, False, DEEPSPEED) for m in plan.mixers]
     for size in plan.sizes:
         for name, compiled, kernel in variants:
-            label = name + ("+triton" if kernel == "triton" else "") + ("+compile" if compiled else "")
+            label = name + (f"+{kernel}" if kernel != "torch" else "") + ("+compile" if compiled else "")
             dead = False
             for seq_len in plan.seq_lens[size]:
                 batch_size = max(1, plan.tokens_per_step // seq_len)
@@ -224,13 +248,17 @@ def run_bench(run: RunConfig, plan: Optional[Plan] = None, log=print) -> tuple[L
                     row.status = "skipped"
                     continue
                 mc = model_config("bert" if name == HF else name, size, seq_len)
-                mc.mixer_kernel = kernel
+                if kernel == DEEPSPEED:  # the trainer's step: its mixer kernel, its engine
+                    assert trainer_step is not None  # checked with the plan
+                    mc.mixer_kernel = run.model.mixer_kernel
+                    make_step = partial(_deepspeed_step, trainer_step, run, batch_size)
+                else:
+                    mc.mixer_kernel = kernel
+                    make_step = partial(torch_step, run, precision=precision, compile_model=compiled, sparse=name != HF)
                 build = (lambda mc=mc: hf_bert(mc)) if name == HF else (lambda mc=mc: build_model(mc, task="mlm"))
                 batch = synthetic_batch(mc, batch_size, seq_len, mask_prob, device, run.train.seed)
                 try:
-                    times, mem = measure(
-                        build, batch, run, device, precision, plan.steps, plan.warmup, compiled, sparse=name != HF
-                    )
+                    times, mem, row.step = measure(build, batch, run, device, make_step, plan.steps, plan.warmup)
                 except Exception as err:  # noqa: BLE001 - one failing row must not hide the others
                     if not is_oom(err):
                         row.status = f"error: {type(err).__name__}: {str(err).splitlines()[0][:80]}"
@@ -259,7 +287,11 @@ def run_bench(run: RunConfig, plan: Optional[Plan] = None, log=print) -> tuple[L
     return rows, meta
 
 
-def main(run: RunConfig) -> int:
+def _deepspeed_step(factory: StepFactory, run: RunConfig, batch_size: int, model: torch.nn.Module) -> Made:
+    return factory(run, model, batch_size)
+
+
+def main(run: RunConfig, trainer_step: Optional[StepFactory] = None) -> int:
     device = pick_device(run.train.device)
     try:
         plan = make_plan(device)
@@ -274,7 +306,7 @@ def main(run: RunConfig) -> int:
         f" (narrow with {ENV}MIXERS/SIZES/SEQ/TOKENS/STEPS; see `pydoc scale_hyper.bench.train`)",
         flush=True,
     )
-    rows, meta = run_bench(run, plan, log=lambda s: print(s, flush=True))
+    rows, meta = run_bench(run, plan, log=lambda s: print(s, flush=True), trainer_step=trainer_step)
     print(f"# device {meta['device']}, precision {meta['precision']}, torch {meta['torch']}, {meta['threads']} threads, "
           f"peak {'%.0f TFLOP/s' % (meta['peak_flops'] / 1e12) if meta['peak_flops'] else 'unknown (no MFU)'}")  # fmt: skip
     print(format_table(rows), flush=True)

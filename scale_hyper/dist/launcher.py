@@ -1,4 +1,5 @@
-"""RANK/LOCAL_RANK/WORLD_SIZE from torchrun, the deepspeed launcher, or srun, and the rank's device.
+"""RANK/LOCAL_RANK/WORLD_SIZE from torchrun, the deepspeed launcher, or srun, and the rank's device
+(whether the task sees all of its node's GPUs or only its own).
 
 srun sets only SLURM_* variables (DeepSpeed's own `--launcher slurm` falls back to mpi4py), so when
 RANK is missing we map SLURM_PROCID/SLURM_LOCALID/SLURM_NTASKS onto the torch.distributed names.
@@ -11,6 +12,8 @@ import socket
 import subprocess
 
 import torch
+
+from scale_hyper.config import ConfigError
 
 
 def first_slurm_host() -> str:
@@ -49,11 +52,39 @@ def map_launcher_env(env=os.environ) -> None:
     env.setdefault("MASTER_PORT", "29500")
 
 
-def pick_device(choice: str, local_rank: int) -> torch.device:
-    """train.device (auto | cpu | cuda) → this rank's device (GPU number LOCAL_RANK)."""
+def cuda_index(local_rank: int, visible: int) -> int:
+    """Which of the GPUs this task sees belongs to LOCAL_RANK.
+
+    A task sees either all of its node's GPUs (the srun templates, torchrun, the deepspeed launcher):
+    its GPU is number LOCAL_RANK; or only its own (``srun --gpus-per-task=1``, ``--gpu-bind=single:1``,
+    a site default binding one GPU per task, CUDA_VISIBLE_DEVICES set per task): GPU 0 of one.
+    """
+    if local_rank < visible:
+        return local_rank
+    if visible == 1:
+        return 0
+    shown = os.environ.get("CUDA_VISIBLE_DEVICES", "unset")
+    raise ConfigError(
+        f"LOCAL_RANK={local_rank} but this task sees {visible} GPUs (CUDA_VISIBLE_DEVICES={shown}): it can tell "
+        "neither GPU LOCAL_RANK of the node nor a GPU of its own — start one task per GPU and give each task "
+        "either all of the node's GPUs (srun without --gpus-per-task) or exactly one (srun --gpus-per-task=1)"
+    )
+
+
+def pick_device(choice: str, local_rank: int, env=os.environ) -> torch.device:
+    """train.device (auto | cpu | cuda) → this rank's device (``cuda_index`` of LOCAL_RANK).
+
+    Where a task sees only its own GPU, LOCAL_RANK (≥ 1 on all but one task of a node) is not a GPU
+    number of this task. DeepSpeed reads LOCAL_RANK as one (``engine`` and ``zero.Init`` call
+    ``set_device(LOCAL_RANK)``, NCCL binds ``cuda:LOCAL_RANK``), so it is set to the index chosen:
+    every such rank would otherwise fail with "invalid device ordinal". The node-local rank stays
+    in ``DistInfo.local_rank``.
+    """
     if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
             raise RuntimeError("train.device=cuda but no CUDA device is visible; use train.device=auto or cpu")
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
+        index = cuda_index(local_rank, torch.cuda.device_count())
+        env["LOCAL_RANK"] = str(index)
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
     return torch.device("cpu")

@@ -1,6 +1,7 @@
 """Kernels on this device: the fused Triton HyperMixing kernel against the torch reference (forward
-and backward, at bf16 tolerances on CUDA), and which SDPA backend BERT's attention and the
-hypernetwork's attention get (flash or not)."""
+and backward, at bf16 tolerances on CUDA) at the model's own geometry on both reduction paths
+(``kernel_cases``), and which SDPA backend BERT's attention and the hypernetwork's attention get
+(flash or not)."""
 
 from __future__ import annotations
 
@@ -35,11 +36,12 @@ def _rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
     return float((a.double() - ref).abs().max() / ref.abs().max().clamp(min=1e-30))
 
 
-def _compare(case: Dict[str, Any], heads: int, dtype, device) -> Dict[str, Any]:
+def _compare(case: Dict[str, Any], dtype, device) -> Dict[str, Any]:
     from scale_hyper.kernels import hypermixing_triton as fused
     from scale_hyper.models.hypermixing import hyper_mixing
 
-    x, w1, w2, dy, mask = _inputs(2, case["n"], heads, case["c"], case["p"], dtype, device)
+    heads = case["heads"]
+    x, w1, w2, dy, mask = _inputs(case["b"], case["n"], heads, case["c"], case["p"], dtype, device)
     m = mask if case["mask"] else None
     kw = {"mask": m, "activation": case["activation"], "scale": case["scale"]}
     reference = _run(lambda a, b, c: hyper_mixing(a, b, c, heads, kernel="torch", **kw), x, w1, w2, dy)
@@ -48,7 +50,7 @@ def _compare(case: Dict[str, Any], heads: int, dtype, device) -> Dict[str, Any]:
     inject = "kernel" in faults()
 
     def kernel(a, b, c):
-        y = fused.fused_hyper_mixing(a, b, c, heads, **kw)
+        y = fused.fused_hyper_mixing(a, b, c, heads, **kw, split=case["split"])
         return y + 0.05 * y.detach().abs().max() if inject else y  # test-only: a kernel that is wrong
 
     got = _run(kernel, x, w1, w2, dy)
@@ -61,6 +63,47 @@ def _compare(case: Dict[str, Any], heads: int, dtype, device) -> Dict[str, Any]:
         rows.append({"tensor": name, "kernel_err": err_kernel, "reference_err": err_ref, "tol": tol,
                      "ok": err_kernel <= tol})  # fmt: skip
     return {"case": case, "rows": rows}
+
+
+def model_geometry_reason(run: RunConfig, device: torch.device, dtype: torch.dtype) -> Optional[str]:
+    """Why the fused kernel cannot take this model's mixer geometry on ``device``, or None."""
+    from scale_hyper.kernels import hypermixing_triton as fused
+
+    mc = run.model
+    probe = torch.empty(1, 64, mc.hidden_size, device=device, dtype=dtype)
+    wprobe = torch.empty(1, 64, mc.mixer_width, device=device, dtype=dtype)
+    return fused.unsupported_reason(probe, wprobe, wprobe, mc.effective_mixer_heads)
+
+
+def kernel_cases(run: RunConfig, gpu_sms: Optional[int], supported: bool) -> List[Dict[str, Any]]:
+    """What the kernel row runs: the model's own d/H and d'/H (heads, GELU, scale) at the trainer's
+    micro-batch × seq_len with the SPLIT the kernel picks there on ``gpu_sms`` SMs (B·H ≥ 2 × SMs:
+    the single pass with the in-kernel epilogue), padded; and 2 sequences on the other reduction
+    path (split-N partial sums, or the single pass if training splits). A geometry the kernel cannot
+    take (``supported`` False) is replaced by 4 heads of 64. In the CPU interpreter (``gpu_sms``
+    None): 2 heads of 16 × 80 tokens, SPLIT 1 and 2 forced."""
+    from scale_hyper.kernels.hypermixing_triton import BLOCK_N
+    from scale_hyper.kernels.splits import reduction_splits
+
+    mc = run.model
+    heads = mc.effective_mixer_heads
+    base = {"activation": mc.mixer != "hyperbert" or mc.hyper_mlp == "mlp", "scale": mc.mixer_scale}
+    if gpu_sms is None:  # the interpreter is slow: tiny tiles, both reduction paths forced
+        shape = {"heads": 2, "c": 16, "p": 16, "n": 80, "b": 2}
+        return [{**base, **shape, "mask": True, "split": 1}, {**base, **shape, "mask": False, "split": 2}]
+    shape = {"heads": heads, "c": mc.hidden_size // heads, "p": mc.mixer_width // heads}
+    if not supported:
+        shape = {"heads": 4, "c": 64, "p": 64}
+    b, n = run.train.micro_batch_size, run.data.seq_len
+    split = reduction_splits(b * shape["heads"], n, BLOCK_N, gpu_sms)
+    other = max(2, reduction_splits(2 * shape["heads"], n, BLOCK_N, gpu_sms)) if split == 1 else 1
+    return [{**base, **shape, "b": b, "n": n, "mask": True, "split": split},
+            {**base, **shape, "b": 2, "n": n, "mask": False, "split": other}]  # fmt: skip
+
+
+def _describe(case: Dict[str, Any]) -> str:
+    return (f"{case['b']}×{case['n']} tokens, {case['heads']} heads, d/H={case['c']}, d'/H={case['p']}, "
+            f"SPLIT={case['split']}{', padded' if case['mask'] else ''}")  # fmt: skip
 
 
 def check_triton(run: RunConfig, device: torch.device) -> Result:
@@ -77,21 +120,12 @@ def check_triton(run: RunConfig, device: torch.device) -> Result:
     if interpret:
         os.environ["TRITON_INTERPRET"] = "1"
     try:
-        from scale_hyper.kernels import hypermixing_triton as fused
-
         dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-        n, heads = (1024, 4) if device.type == "cuda" else (80, 2)
-        c = p = 64 if device.type == "cuda" else 16
-        cases = [
-            {"n": n, "c": c, "p": p, "mask": False, "activation": True, "scale": "none"},
-            {"n": n, "c": c, "p": p, "mask": True, "activation": True, "scale": "sqrt"},
-        ]
-        outcomes = [_compare(case, heads, dtype, device) for case in cases]
-        mc = run.model
-        heads_model = mc.effective_mixer_heads
-        probe = torch.empty(1, 64, mc.hidden_size, device=device, dtype=dtype)
-        wprobe = torch.empty(1, 64, mc.mixer_width, device=device, dtype=dtype)
-        geometry = fused.unsupported_reason(probe, wprobe, wprobe, heads_model)
+        from scale_hyper.kernels.splits import sm_count
+
+        geometry = model_geometry_reason(run, device, dtype)
+        cases = kernel_cases(run, sm_count(device) if device.type == "cuda" else None, geometry is None)
+        outcomes = [_compare(case, dtype, device) for case in cases]
     except Exception as err:  # noqa: BLE001 - a kernel that does not compile is what this reports
         return Result("kernels", FAIL, "error", f"the Triton HyperMixing kernel failed to run: {type(err).__name__}: "
                       f"{str(err).splitlines()[0][:300]}")  # fmt: skip
@@ -101,18 +135,20 @@ def check_triton(run: RunConfig, device: torch.device) -> Result:
                 os.environ.pop("TRITON_INTERPRET", None)
             else:
                 os.environ["TRITON_INTERPRET"] = previous
+    mc = run.model
+    heads_model = mc.effective_mixer_heads
     bad = [(o["case"], r) for o in outcomes for r in o["rows"] if not r["ok"]]
     worst = max((r["kernel_err"] / r["tol"] for o in outcomes for r in o["rows"]), default=0.0)
     where = "Triton CPU interpreter" if interpret else torch.cuda.get_device_name(device)
     uses = f"model ({mc.mixer}, d/H={mc.hidden_size // heads_model}, d'/H={mc.mixer_width // heads_model}): " + (
         "the fused kernel can run" if geometry is None else f"falls back to torch ({geometry})"
     )
-    detail = f"{where}, {str(dtype).replace('torch.', '')}, forward + dX/dW1/dW2, with and without padding; {uses}"
+    ran = "; ".join(_describe(o["case"]) for o in outcomes)
+    detail = f"{where}, {str(dtype).replace('torch.', '')}, forward + dX/dW1/dW2 at {ran}; {uses}"
     data = {"outcomes": outcomes, "dtype": str(dtype), "model_geometry_unsupported": geometry}
     if bad:
         what = "; ".join(
-            f"{r['tensor']} error {r['kernel_err']:.2e} > tolerance {r['tol']:.2e} "
-            f"({'padded' if case['mask'] else 'unpadded'}, scale {case['scale']})"
+            f"{r['tensor']} error {r['kernel_err']:.2e} > tolerance {r['tol']:.2e} ({_describe(case)})"
             for case, r in bad[:4]
         )
         return Result("kernels", FAIL, f"{worst:.2f}× tol", f"the Triton kernel disagrees with the torch reference: "

@@ -13,6 +13,9 @@ TorchDispatchMode, so also inside torch functions and in backward), every aten o
 depends on tensor values — nonzero, boolean-mask indexing and index_put, masked_select, unique,
 bincount, … — each of which makes the host wait for the device. It goes under ``"shapes"`` in the
 same per-step layout (the site is the Python caller; for backward, whoever called backward).
+
+``SCALE_HYPER_SYNC_DEBUG=error`` (CUDA, ``strict``): torch's own detector on our part of each step,
+which also sees the syncs no explicit call makes (boolean indexing, nonzero, a pageable copy).
 """
 
 from __future__ import annotations
@@ -22,8 +25,9 @@ import json
 import os
 import sys
 from collections import Counter, defaultdict
+from contextlib import contextmanager
 from types import FrameType
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -141,6 +145,25 @@ def install_if_requested() -> None:
             setattr(dist, name, audit.wrap(getattr(dist, name), f"dist.{name}"))
     audit.mode = DataDependentShapes(when=lambda: audit.shapes[audit.step])
     atexit.register(audit.write)
+
+
+_SYNC_DEBUG = os.environ.get("SCALE_HYPER_SYNC_DEBUG", "")  # warn | error: torch.cuda's sync debug mode
+
+
+@contextmanager
+def strict(device: torch.device, step: int) -> Iterator[None]:
+    """Our part of every step after the first (the batch to the device, the forward, the loss window)
+    under ``torch.cuda.set_sync_debug_mode(SCALE_HYPER_SYNC_DEBUG)``: with "error" any device→host
+    sync there raises, naming its site (`.ci/gpu`). DeepSpeed's backward and step stay outside (its
+    own syncs are counted by the audit above). Off unless set; a no-op off CUDA."""
+    if not _SYNC_DEBUG or device.type != "cuda" or step < 1:
+        yield
+        return
+    torch.cuda.set_sync_debug_mode(_SYNC_DEBUG)
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
 
 
 def mark_step(step: int) -> None:

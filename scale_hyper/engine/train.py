@@ -39,13 +39,15 @@ def train(tr: setup.Trainer, stop: StopSignals) -> Optional[str]:
     tr.reporter.start_window(state)
     while state.step < t.max_steps:
         for _ in range(engine.gradient_accumulation_steps()):  # one optimizer step
-            batch = to_device(next(batches), info.device)
-            loss = engine(**batch, sparse_logits=True).loss
+            with sync_audit.strict(info.device, state.step):  # SCALE_HYPER_SYNC_DEBUG: syncs here raise
+                batch = to_device(next(batches), info.device)
+                loss = engine(**batch, sparse_logits=True).loss
             if state.step + 1 in poison and info.rank == 0:
                 loss = loss * float("nan")
             engine.backward(loss)
             engine.step()  # applies the update at the accumulation boundary, unless its gradients are non-finite
-            state.add_loss(loss)
+            with sync_audit.strict(info.device, state.step):
+                state.add_loss(loss)
             state.tokens_seen += batch["input_ids"].numel() * info.world_size
         state.step += 1
         count_update(engine, state)

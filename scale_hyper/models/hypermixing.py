@@ -45,7 +45,9 @@ def _fused_kernels():
 
 
 def _log_once(kernel: str, path: str) -> None:
-    if (kernel, path) not in _logged:
+    # Under torch.compile the choice is fixed while tracing; a logger call there would split the
+    # graph (TorchDynamo breaks on logging.Logger methods), so only eager calls report it.
+    if (kernel, path) not in _logged and not torch.compiler.is_compiling():
         _logged.add((kernel, path))
         log.info("model.mixer_kernel=%s: HyperMixing runs %s", kernel, path)
 
@@ -56,6 +58,10 @@ def _fused_or_none(kernel, x, w1, w2, heads):
     "auto" falls back to the reference whenever the kernel cannot run. "triton" raises a
     ConfigError (a user error) when it cannot run on CUDA tensors, and runs the reference on CPU
     tensors unless TRITON_INTERPRET=1 turns the CPU interpreter on (then it is strict there too).
+    Both take the reference where the kernel could run but is not the better route
+    (``reference_route_reason``: fp32 on a GPU without TF32, as evaluation and GLUE run; a geometry
+    without a spill-free launch on this GPU), so a model trained with ``triton`` evaluates in fp32
+    without an error.
     """
     if kernel not in KERNELS:
         raise ValueError(f"kernel={kernel!r} is not one of {', '.join(KERNELS)}")
@@ -64,8 +70,12 @@ def _fused_or_none(kernel, x, w1, w2, heads):
     fused = _fused_kernels()
     reason = "scale_hyper.kernels is not importable" if fused is None else fused.unsupported_reason(x, w1, w2, heads)
     if reason is None:
-        _log_once(kernel, "the fused Triton kernel")
-        return fused.fused_hyper_mixing
+        slower = fused.reference_route_reason(x, w1, w2, heads)  # supported, but the reference is the better route
+        if slower is None:
+            _log_once(kernel, "the fused Triton kernel")
+            return fused.fused_hyper_mixing
+        _log_once(kernel, f"the torch reference ({slower})")
+        return None
     interpreted = fused is not None and fused.interpreting()
     if kernel == "triton" and (x.is_cuda or interpreted):
         shapes = f"x {tuple(x.shape)} {x.dtype}, w1/w2 {tuple(w1.shape)}, heads={heads}"
