@@ -75,3 +75,17 @@ def parameter_report(mc: ModelConfig) -> dict:
         "delta_params": delta,
         "delta_pct": 100.0 * delta / baseline["total"],
     }
+
+
+def decay_groups(model: nn.Module, weight_decay: float, decay_embeddings: bool) -> list[dict]:
+    """AdamW groups: no decay on norms and biases (nor on embeddings unless configured). The trainer's
+    optimizer groups and the planner's ZeRO-1/2 partition sizes both come from here."""
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        is_embedding = "embed" in name or "position" in name
+        skip = p.ndim < 2 or "norm" in name.lower() or (is_embedding and not decay_embeddings)
+        (no_decay if skip else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
