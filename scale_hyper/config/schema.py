@@ -199,11 +199,14 @@ class DeepSpeedConfig(ConfigGroup):
     offload_optimizer: bool = option(False, "ZeRO-Offload: optimizer state in CPU memory (or on NVMe: offload_device)")
     offload_param: bool = option(False, "ZeRO-Infinity: parameters in CPU memory or on NVMe (needs zero_stage=3)")
     offload_device: str = option(
-        "cpu", "where offload_* put their state: cpu, or nvme (needs zero_stage=3, nvme_path, libaio)", choices=("cpu", "nvme")
+        "cpu",
+        "where offload_* put their state: cpu, or nvme (needs zero_stage=3, nvme_path, libaio)",
+        choices=("cpu", "nvme"),
     )
     nvme_path: Optional[str] = option(None, "offload_device=nvme: a directory on a fast local disk (one per node)")
     zero_init: bool = option(
-        True, "ZeRO-3: build the model partitioned (deepspeed.zero.Init), no rank ever holds all of it; false = whole, then split"
+        True,
+        "ZeRO-3: build the model partitioned (deepspeed.zero.Init), no rank ever holds all of it; false = whole, then split",
     )
     hypernet_resident: bool = option(True, "ZeRO-3: keep the shared hypernetwork gathered on every rank")
     optimizer: str = option(
@@ -232,7 +235,9 @@ class DeepSpeedConfig(ConfigGroup):
                     f"set {group}.zero_stage=3 or {group}.offload_device=cpu",
                 )
             if not self.nvme_path:
-                raise fail(f"{group}.offload_device=nvme needs {group}.nvme_path", f"set {group}.nvme_path=/local/nvme/dir")
+                raise fail(
+                    f"{group}.offload_device=nvme needs {group}.nvme_path", f"set {group}.nvme_path=/local/nvme/dir"
+                )
 
 
 @dataclass

@@ -27,7 +27,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
-import torch
 import torch.distributed as dist
 from torch import nn
 
@@ -45,7 +44,7 @@ def is_partitioned(model: nn.Module) -> bool:
     return any(hasattr(p, "ds_id") for p in model.parameters())
 
 
-def _keep_whole(param: nn.Parameter) -> None:
+def _keep_whole(param: Any) -> None:  # a ZeRO-3 parameter (DeepSpeed adds ds_* attributes)
     """Write this rank's slice of ``param``'s full weights into its partition, keeping the full weights."""
     from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
@@ -55,7 +54,7 @@ def _keep_whole(param: nn.Parameter) -> None:
     param.ds_status = ZeroParamStatus.AVAILABLE
 
 
-def _replicate(init: Any, params: List[nn.Parameter]) -> None:
+def _replicate(init: Any, params: List[Any]) -> None:
     """Turn plain parameters into ZeRO-3 parameters that stay whole on every rank (``ds_persist``)."""
     for param in params:
         param.data = param.data.to(device=init.local_device, dtype=init.dtype)
@@ -68,7 +67,7 @@ def _replicate(init: Any, params: List[nn.Parameter]) -> None:
 
 def build(
     run: RunConfig, ds: Dict[str, Any], factory: Callable[[], nn.Module], weights: Optional[str] = None
-) -> Tuple[nn.Module, Optional[str]]:
+) -> Tuple[Any, Optional[str]]:
     """``factory()`` under ZeRO-3's rules — partitioned (zero_init) or whole, the shared modules
     persistent — with ``weights`` (train.init_from) loaded; returns the model and where they came from."""
     from scale_hyper.engine import init_from
@@ -121,16 +120,16 @@ def registering_persistent() -> Iterator[None]:
         ids = {id(p) for p in found}
         return found + [p for p in self.module.parameters() if getattr(p, "ds_persist", False) and id(p) not in ids]
 
-    DeepSpeedZeRoOffload.mark_persistent_parameters = mark  # type: ignore[method-assign]
+    DeepSpeedZeRoOffload.mark_persistent_parameters = mark
     try:
         yield
     finally:
-        DeepSpeedZeRoOffload.mark_persistent_parameters = original  # type: ignore[method-assign]
+        DeepSpeedZeRoOffload.mark_persistent_parameters = original
 
 
 def held_numel(model: nn.Module) -> Dict[str, int]:
     """Parameters this rank holds: its partitions, and the full weights it keeps gathered."""
-    partition = sum(p.ds_tensor.numel() for p in model.parameters() if getattr(p, "ds_tensor", None) is not None)
+    partition = sum(t.numel() for p in model.parameters() if (t := getattr(p, "ds_tensor", None)) is not None)
     gathered = sum(p.data.numel() for p in model.parameters())
     total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
     return {"total": total, "partition": partition, "gathered": gathered}
@@ -169,7 +168,9 @@ def _mismatch(model: nn.Module, shapes: Dict[str, tuple], where: str) -> Optiona
     ours = {n: tuple(getattr(p, "ds_shape", p.shape)) for n, p in model.named_parameters()}
     missing = sorted(set(ours) - set(shapes))
     unexpected = sorted(set(shapes) - set(ours))
-    differ = [f"{n}: {shapes[n]} there, {ours[n]} here" for n in sorted(set(ours) & set(shapes)) if shapes[n] != ours[n]]
+    differ = [
+        f"{n}: {shapes[n]} there, {ours[n]} here" for n in sorted(set(ours) & set(shapes)) if shapes[n] != ours[n]
+    ]
     if not (missing or unexpected or differ):
         return None
     return (
@@ -193,7 +194,7 @@ def load_weights(model: nn.Module, path: str) -> str:
         raise ValueError(problem)
     names = {id(p): n for n, p in model.named_parameters()}
     for module in model.modules():
-        params = list(module.parameters(recurse=False))
+        params: List[Any] = list(module.parameters(recurse=False))
         split = [p for p in params if not p.ds_persist]
         with deepspeed.zero.GatheredParameters(split, modifier_rank=0, enabled=bool(split)):
             if source is not None:

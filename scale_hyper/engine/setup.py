@@ -78,6 +78,9 @@ def build_model(run: RunConfig, info: DistInfo, ckpt: Optional[Path]) -> torch.n
 
     ds = ds_config.build(run, info.world_size, info.device)
     fit.check(run, info, ds)  # before any allocation: a model that cannot fit even fully partitioned
+    offload.ensure_ops(
+        ds
+    )  # cpu_adam / async_io (zero.Init swaps to NVMe already) built, or one line naming what is missing
     if ckpt is not None:
         init_from.check_resume_geometry(run, ckpt)
     torch.manual_seed(run.train.seed)
@@ -112,7 +115,6 @@ def start_deepspeed(run: RunConfig, info: DistInfo, model: torch.nn.Module, ckpt
     if ckpt is not None and runs.read_state(ckpt).get("universal"):
         ds["checkpoint"] = {"load_universal": True}
     groups = param_groups(model, run.train.weight_decay, run.train.decay_embeddings)
-    offload.ensure_ops(ds)  # cpu_adam / async_io built here, or one line naming what is missing
     with partitioned.registering_persistent():  # the shared modules, persistent since construction
         engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds)
     if not hasattr(engine.optimizer, "overflow"):  # ZeRO-0 fp32: a plain torch optimizer
