@@ -49,15 +49,9 @@ def _host_available() -> int:
 
 def least_bytes(run: RunConfig, layout: Dict[str, Any], world: int, precision: str, device: torch.device) -> int:
     """The least one rank needs: ZeRO-3 state (minus offloaded), micro batch 1 with checkpointing, one module."""
-    state = memory.model_state_bytes(layout, 3, world, precision, 1)
-    ds, wb = run.deepspeed, memory.weight_bytes(precision)
-    off_device = device.type == "cuda" or ds.offload_device == "nvme"  # CPU offload on a CPU rank saves nothing
-    need = sum(state.values())
-    if off_device and ds.offload_optimizer:
-        need -= state["master"] + state["adam"]
-    if off_device and ds.offload_param:
-        need -= state["weights"] - sum(layout["persistent_numels"]) * wb
-    return need + memory.activation_bytes(run, 1, True, precision) + layout["largest_module_numel"] * wb
+    part = memory.rank_bytes(run, layout, 3, world, precision, 1, 1, host=device.type != "cuda")
+    state = sum(part["state"].values()) - part["offloaded"]
+    return state + part["activations"]["checkpointing"] + layout["largest_module_numel"] * memory.weight_bytes(precision)
 
 
 def check(run: RunConfig, info: DistInfo, ds: Dict[str, Any]) -> None:

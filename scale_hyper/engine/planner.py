@@ -20,20 +20,17 @@ partitioned. Imports torch and the model code (to count parameters on the meta d
 from __future__ import annotations
 
 import json
-import math
 import sys
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
 from scale_hyper.config import ConfigError, RunConfig
 from scale_hyper.models.memory import (
-    REUSE_DISTANCE,
     activation_bytes,
     build_peak_bytes,
-    gathered_bytes,
     model_state_bytes,
     parameter_layout,
-    weight_bytes,
+    rank_bytes,
     zero3_comm_bytes,
 )
 
@@ -108,15 +105,11 @@ def plan(run: RunConfig, gpus: int, gpu: GPU, mfu: float, layout: Optional[Dict[
     layout = layout or parameter_layout(run)
     precision = _precision(run)
     usable = gpu.memory_gib * GiB * USABLE
-    bucket = run.deepspeed.reduce_bucket_size * (2 if precision in ("bf16", "fp16") else 4)
     ckpt_on = t.activation_checkpointing != "none"
-    reuse = _zero_option(run, "stage3_max_reuse_distance", REUSE_DISTANCE)
     stages: List[Dict[str, Any]] = []
     for stage in range(4):
-        state = model_state_bytes(layout, stage, gpus, precision, accum)
-        gathered = gathered_bytes(layout, stage, precision, reuse)
-        offloaded = offloaded_bytes(run, state, layout, stage, gpus, precision)
-        fixed = sum(state.values()) - offloaded + gathered + (bucket if stage else 0)
+        part = rank_bytes(run, layout, stage, gpus, precision, micro, accum)
+        state, fixed = part["state"], part["fixed"]
         fits = {}
         for ckpt in (False, True):
             best = 0
@@ -128,14 +121,11 @@ def plan(run: RunConfig, gpus: int, gpu: GPU, mfu: float, layout: Optional[Dict[
                 else:
                     hi = mid - 1
             fits["checkpointing" if ckpt else "plain"] = best
-        act = {"plain": activation_bytes(run, micro, False, precision),
-               "checkpointing": activation_bytes(run, micro, True, precision)}  # fmt: skip
-        total = fixed + act["checkpointing" if ckpt_on else "plain"]
         stages.append({
             "stage": stage, **{f"{k}_bytes": v for k, v in state.items()}, "model_state_bytes": sum(state.values()),
-            "bucket_bytes": bucket if stage else 0, "gathered_bytes": gathered, "offloaded_bytes": offloaded,
-            "activations_bytes": act, "total_bytes": total,
-            "fits": total <= usable, "max_micro": fits,
+            "bucket_bytes": part["bucket"], "gathered_bytes": part["gathered"], "offloaded_bytes": part["offloaded"],
+            "activations_bytes": part["activations"], "total_bytes": part["total"],
+            "fits": part["total"] <= usable, "max_micro": fits,
         })  # fmt: skip
     flops_token = train_flops_per_token(run.model, run.data.seq_len, run.data.mask_prob)
     tokens_step = global_ * run.data.seq_len
@@ -171,23 +161,6 @@ def plan(run: RunConfig, gpus: int, gpu: GPU, mfu: float, layout: Optional[Dict[
                              "partitioned": build_peak_bytes(layout, gpus, precision, partitioned=True)},
         "zero3_comm_bytes": {**comm, "link_fraction": wire, "hypernet_params": layout["shared_numel"]},
     }  # fmt: skip
-
-
-def _zero_option(run: RunConfig, key: str, default: int) -> int:
-    """A zero_optimization setting the user passed through deepspeed.extra, or DeepSpeed's default."""
-    value = dict(run.deepspeed.extra).get("zero_optimization", {}).get(key, default)
-    return int(value) if isinstance(value, (int, float)) else default
-
-
-def offloaded_bytes(run: RunConfig, state: Dict[str, int], layout: Dict[str, Any], stage: int, world: int,
-                    precision: str) -> int:  # fmt: skip
-    """Model-state bytes that offloading moves off the device: the fp32 master and Adam moments
-    (offload_optimizer, ZeRO-1–3), and under ZeRO-3 the weight partitions (offload_param; persistent
-    weights stay on the device)."""
-    out = state["master"] + state["adam"] if run.deepspeed.offload_optimizer and stage else 0
-    if run.deepspeed.offload_param and stage == 3:
-        out += sum(math.ceil(n / world) for n in layout["numels"]) * weight_bytes(precision)
-    return out
 
 
 def _gib(n: float) -> str:

@@ -137,3 +137,39 @@ def activation_bytes(run: RunConfig, micro: int, checkpointing: bool, precision:
     embed = 5 * d
     per_token = (2 * d * L + layer) if checkpointing else layer * L
     return int(s * b * (per_token + head + embed) * scale)
+
+
+def offloaded_bytes(run: RunConfig, state: Dict[str, int], layout: Dict[str, Any], stage: int, world: int,
+                    precision: str) -> int:  # fmt: skip
+    """Model-state bytes that offloading moves off the device: the fp32 master and Adam moments
+    (offload_optimizer, ZeRO-1–3), and under ZeRO-3 the weight partitions (offload_param; persistent
+    weights stay on the device)."""
+    out = state["master"] + state["adam"] if run.deepspeed.offload_optimizer and stage else 0
+    if run.deepspeed.offload_param and stage == 3:
+        out += sum(math.ceil(n / world) for n in layout["numels"]) * weight_bytes(precision)
+    return out
+
+
+def rank_bytes(run: RunConfig, layout: Dict[str, Any], stage: int, world: int, precision: str, micro: int,
+               accumulation: int, host: bool = False) -> Dict[str, Any]:  # fmt: skip
+    """One rank's memory in training, by part: model state, what offloading moves off the device (not
+    off a CPU rank: ``host``, unless to NVMe), the reduce bucket, ZeRO-3's gathered weights and the
+    activations of one micro batch (with and without checkpointing); ``total`` for the configured
+    ``train.activation_checkpointing``."""
+    state = model_state_bytes(layout, stage, world, precision, accumulation)
+    offloaded = offloaded_bytes(run, state, layout, stage, world, precision)
+    if host and run.deepspeed.offload_device != "nvme":
+        offloaded = 0  # CPU offload on a CPU rank moves nothing out of its memory
+    reuse = dict(run.deepspeed.extra).get("zero_optimization", {}).get("stage3_max_reuse_distance", REUSE_DISTANCE)
+    gathered = gathered_bytes(
+        layout, stage, precision, int(reuse) if isinstance(reuse, (int, float)) else REUSE_DISTANCE
+    )
+    bucket = run.deepspeed.reduce_bucket_size * weight_bytes(precision) if stage else 0
+    act = {
+        "plain": activation_bytes(run, micro, False, precision),
+        "checkpointing": activation_bytes(run, micro, True, precision),
+    }
+    fixed = sum(state.values()) - offloaded + gathered + bucket
+    ckpt = run.train.activation_checkpointing != "none"
+    return {"state": state, "offloaded": offloaded, "gathered": gathered, "bucket": bucket, "activations": act,
+            "fixed": fixed, "total": fixed + act["checkpointing" if ckpt else "plain"]}  # fmt: skip
