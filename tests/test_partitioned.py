@@ -141,7 +141,7 @@ def test_plan_predicts_the_build_and_the_communication():
     params, shared, layers = p["params"], p["zero3_comm_bytes"]["hypernet_params"], run.model.num_layers
     assert 0.85e9 < params < 0.95e9 and shared > 0  # bert-xl is 1.28 B: the hypernetwork replaces 24 attentions
     build = p["build_peak_bytes"]
-    assert build["whole"] == params * 4 and build["partitioned"] < build["whole"] / 10
+    assert build["whole"] == params * 4 and build["partitioned"] < build["whole"] / 8
     comm = p["zero3_comm_bytes"]
     assert comm["partitioned"]["all_gather"] - comm["resident"]["all_gather"] == (2 * layers - 1) * shared * 2
     assert comm["resident"]["reduce_scatter"] == params * 2 and math.isclose(comm["link_fraction"], 63 / 64)

@@ -51,7 +51,9 @@ def least_bytes(run: RunConfig, layout: Dict[str, Any], world: int, precision: s
     """The least one rank needs: ZeRO-3 state (minus offloaded), micro batch 1 with checkpointing, one module."""
     part = memory.rank_bytes(run, layout, 3, world, precision, 1, 1, host=device.type != "cuda")
     state = sum(part["state"].values()) - part["offloaded"]
-    return state + part["activations"]["checkpointing"] + layout["largest_module_numel"] * memory.weight_bytes(precision)
+    return (
+        state + part["activations"]["checkpointing"] + layout["largest_module_numel"] * memory.weight_bytes(precision)
+    )
 
 
 def check(run: RunConfig, info: DistInfo, ds: Dict[str, Any]) -> None:

@@ -95,13 +95,14 @@ def build_peak_bytes(layout: Dict[str, Any], world: int, precision: str, partiti
 
     Whole: every parameter, in fp32 (torch's default dtype; DeepSpeed casts later). Partitioned
     (deepspeed.zero.Init): this rank's slices in the training precision, the resident shared modules
-    whole, and one module's full weights while it is initialised (the largest: the word embeddings)."""
+    whole, and two full copies of one module while it is initialised (the largest: the word embeddings;
+    measured: its own tensors and the gather zero.Init makes around its initialisation)."""
     if not partitioned:
         return layout["params"] * 4
     wb = weight_bytes(precision)
     slices = sum(math.ceil(n / world) for n in layout["numels"])
     shared = layout["shared_numel"] if layout["resident"] else 0
-    return (slices + shared + layout["largest_module_numel"]) * wb
+    return (slices + shared + 2 * layout["largest_module_numel"]) * wb
 
 
 def zero3_comm_bytes(layout: Dict[str, Any], precision: str, resident: bool) -> Dict[str, int]:
