@@ -66,7 +66,11 @@ def _replicate(init: Any, params: List[Any]) -> None:
 
 
 def build(
-    run: RunConfig, ds: Dict[str, Any], factory: Callable[[], nn.Module], weights: Optional[str] = None
+    run: RunConfig,
+    ds: Dict[str, Any],
+    factory: Callable[[], nn.Module],
+    weights: Optional[str] = None,
+    verify: str = "full",
 ) -> Tuple[Any, Optional[str]]:
     """``factory()`` under ZeRO-3's rules — partitioned (zero_init) or whole, the shared modules
     persistent — with ``weights`` (train.init_from) loaded; returns the model and where they came from."""
@@ -75,7 +79,7 @@ def build(
 
     if ds_config.zero_stage(ds) != 3 or not run.deepspeed.zero_init:
         model = factory()
-        loaded = init_from.load_weights(model, weights) if weights else None
+        loaded = init_from.load_weights(model, weights, verify) if weights else None
         if ds_config.zero_stage(ds) == 3 and run.deepspeed.hypernet_resident:
             import deepspeed
 
@@ -99,7 +103,7 @@ def build(
     with init, shared_builder(build_whole if run.deepspeed.hypernet_resident else None):
         model = factory()
     _replicate(init, [p for m in whole for p in m.parameters()])
-    return model, (load_weights(model, weights) if weights else None)
+    return model, (load_weights(model, weights, verify) if weights else None)
 
 
 def _shared_params(model: nn.Module) -> List[nn.Parameter]:
@@ -142,8 +146,8 @@ class _Source:
     """The source's tensors, on rank 0 only: a safetensors export is read one tensor at a time (memory
     mapped); a DeepSpeed checkpoint is consolidated once (zero_to_fp32: one full fp32 copy on rank 0)."""
 
-    def __init__(self, path: str) -> None:
-        source = runs.resolve(path)
+    def __init__(self, path: str, verify: str) -> None:
+        source = runs.resolve(path, verify)  # a checkpoint is verified against its manifest (train.verify_checkpoint)
         self.where = str(source.path)
         self.tensors: Dict[str, Any] = {}
         if source.kind == "checkpoint":
@@ -179,13 +183,13 @@ def _mismatch(model: nn.Module, shapes: Dict[str, tuple], where: str) -> Optiona
     )
 
 
-def load_weights(model: nn.Module, path: str) -> str:
+def load_weights(model: nn.Module, path: str, verify: str = "full") -> str:
     """Copy SRC's weights into a ZeRO-3 model one module at a time: rank 0 reads, the partitions are
     written through ``GatheredParameters(modifier_rank=0)``, the persistent ones broadcast and re-sliced."""
     import deepspeed
 
     rank = dist.get_rank() if dist.is_initialized() else 0
-    source = _Source(path) if rank == 0 else None
+    source = _Source(path, verify) if rank == 0 else None
     box = [(_mismatch(model, source.shapes, source.where), source.where) if source else None]
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.broadcast_object_list(box, src=0)
