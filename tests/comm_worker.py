@@ -34,7 +34,11 @@ STEPS, MICRO, SEQ = 4, 4, 128
 # stage3_max_reuse_distance: 0 = release every weight right after use and gather it again at its next
 # use (what a model much larger than the reuse window sees); -1 = DeepSpeed's default (1e9).
 REUSE = (0, -1)
-GEOMETRIES = {"tiny": ["hyperbert-tiny"], "mini": ["hyperbert-mini", "model.vocab_size=4096"]}
+GEOMETRIES = {
+    "tiny": ["hyperbert-tiny"],
+    "mini": ["hyperbert-mini", "model.vocab_size=4096"],
+    "xl4": ["hyperbert-xl", "model.num_layers=4", "model.vocab_size=4096"],
+}  # -xl's widths, 4 layers
 
 
 def batch(step: int, rank: int, vocab: int):

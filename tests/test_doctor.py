@@ -123,6 +123,9 @@ def test_two_rank_doctor_fp32_under_torchrun(workdir):
     assert checks["kernels"]["status"] == "SKIPPED" and "no CUDA device" in checks["kernels"]["detail"]
     assert "GB/s" in checks["collectives/all_reduce"]["figure"]
     assert checks["training/residency"]["figure"] == "0 gathers"
+    throughput = checks["training/throughput"]  # the memory row: plan's figure beside the measured peak (issue 20)
+    assert throughput["data"]["planned_memory_bytes"] > 0 and "; plan: " in throughput["detail"]
+    assert "measured +" in throughput["detail"] and "Python, torch, DeepSpeed" in throughput["detail"]
     assert "bit-exact" in checks["resume"]["detail"] and checks["resume"]["figure"] == "equal"
     assert not (workdir / "fp32" / "doctor" / "a").exists()  # the short runs are removed
 

@@ -59,3 +59,38 @@ def test_main_job_stays_cpu_sized():
     run = load_config([])
     assert (run.train.global_batch_size, run.train.max_steps, run.model.hidden_size) == (32, 300, 64)
     assert load_config(["hyperbert-tiny"]).train.global_batch_size == 32
+
+
+@pytest.mark.parametrize("size, d, layers, heads", [("xl", 2048, 24, 32), ("3b", 2560, 36, 40)])
+def test_xl_and_3b_share_the_recipe_and_the_hypernetwork_rule(size, d, layers, heads):
+    """Issue 20: -xl (≈1.3 B as BERT) and -3b (≈2.9 B) for hyperbert, bert and hypermixer, the MosaicBERT
+    family's recipe at a lower learning rate, the hypernetwork by the rule of the other sizes (d_h = d/2,
+    heads of 64, r_h 4, d' = d) and head widths the fused kernel takes (powers of two)."""
+    from scale_hyper.models import ModelConfig, parameter_report
+
+    runs = {m: load_config([f"{m}-{size}"]) for m in ("hyperbert", "bert", "hypermixer")}
+    recipes = [{k: getattr(getattr(r, g), k) for g, k in RECIPE} for r in runs.values()]
+    assert all(r == recipes[0] for r in recipes)
+    large = load_config(["hyperbert-large"]).train
+    t = runs["hyperbert"].train
+    assert t.lr < large.lr and t.weight_decay * t.lr == pytest.approx(1e-5)
+    assert (t.global_batch_size, t.max_steps) == (large.global_batch_size, large.max_steps)
+    for m in runs.values():
+        assert (m.model.hidden_size, m.model.num_layers, m.model.num_heads, m.model.ffn_size) == (
+            d,
+            layers,
+            heads,
+            4 * d,
+        )
+        assert m.model.hidden_size // m.model.num_heads == 64
+    for other in ("base", "large", "xl", "3b"):
+        mc: ModelConfig = load_config([f"hyperbert-{other}"]).model
+        assert (mc.hyper_width, mc.hyper_heads, mc.hyper_ffn_ratio, mc.mixer_width) == (
+            mc.hidden_size // 2,
+            mc.hidden_size // 128,
+            4,
+            mc.hidden_size,
+        )
+    bert = parameter_report(runs["bert"].model)["total_params"]
+    assert (1.2e9 < bert < 1.35e9) if size == "xl" else (2.8e9 < bert < 3.1e9)
+    assert parameter_report(runs["hyperbert"].model)["deltas"]["mixing"]["pct"] < -90

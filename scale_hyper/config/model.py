@@ -158,10 +158,12 @@ class ModelConfig(ConfigGroup):
     pad_token_id: int = option(0, "id of the [PAD] token (kept in the Hugging Face config)", ge=0)
 
     # --- shared hypernetwork (hyperbert) ---
-    hyper_width: int = option(128, "O4: d_h, width of the shared hypernetwork", ge=1)
+    hyper_width: int = option(
+        128, "O4: d_h, width of the shared hypernetwork (presets: d/2 from mini to 3b, d/4 at tiny)", ge=1
+    )
     hyper_layers: int = option(2, "transformer layers in the shared hypernetwork", ge=1)
-    hyper_heads: int = option(4, "attention heads in the shared hypernetwork", ge=1)
-    hyper_ffn_ratio: int = option(2, "O4: r_h, the hypernetwork's feed-forward ratio", ge=1)
+    hyper_heads: int = option(4, "attention heads in the shared hypernetwork (presets: d_h/64 from base up)", ge=1)
+    hyper_ffn_ratio: int = option(2, "O4: r_h, the hypernetwork's feed-forward ratio (presets: 4 from base up)", ge=1)
     mixer_width: int = option(256, "O4: d', hidden width of the generated token-mixing MLP (also hypermixer's)", ge=1)
     hyper_condition: str = option(
         "hidden+layer",

@@ -212,8 +212,18 @@ class DeepSpeedConfig(ConfigGroup):
     config: Optional[str] = option(None, "a DeepSpeed JSON (e.g. ds_configs/zero3.json) merged over the generated one")
     zero_stage: int = option(1, "ZeRO stage", ge=0, le=3)
     precision: str = option("auto", "auto = bf16 on a capable GPU, else fp32", choices=("auto", "fp32", "bf16", "fp16"))
-    offload_optimizer: bool = option(False, "ZeRO-Offload: optimizer state in CPU memory")
-    offload_param: bool = option(False, "ZeRO-Infinity: parameters in CPU memory (needs zero_stage=3)")
+    offload_optimizer: bool = option(False, "ZeRO-Offload: optimizer state in CPU memory (or on NVMe: offload_device)")
+    offload_param: bool = option(False, "ZeRO-Infinity: parameters in CPU memory or on NVMe (needs zero_stage=3)")
+    offload_device: str = option(
+        "cpu",
+        "where offload_* put their state: cpu, or nvme (needs zero_stage=3, nvme_path, libaio)",
+        choices=("cpu", "nvme"),
+    )
+    nvme_path: Optional[str] = option(None, "offload_device=nvme: a directory on a fast local disk (one per node)")
+    zero_init: bool = option(
+        True,
+        "ZeRO-3: build the model partitioned (deepspeed.zero.Init), no rank ever holds all of it; false = whole, then split",
+    )
     hypernet_resident: bool = option(True, "ZeRO-3: keep the shared hypernetwork gathered on every rank")
     optimizer: str = option(
         "adamw", "adamw (torch), fused_adam or cpu_adam (DeepSpeed ops)", choices=("adamw", "fused_adam", "cpu_adam")
@@ -229,6 +239,21 @@ class DeepSpeedConfig(ConfigGroup):
                 f"{group}.offload_param=true needs {group}.zero_stage=3 (it is {self.zero_stage})",
                 f"set {group}.zero_stage=3 or {group}.offload_param=false",
             )
+        if self.offload_device == "nvme":
+            if not (self.offload_optimizer or self.offload_param):
+                raise fail(
+                    f"{group}.offload_device=nvme offloads nothing",
+                    f"set {group}.offload_optimizer=true and/or {group}.offload_param=true, or drop offload_device",
+                )
+            if self.zero_stage != 3:
+                raise fail(
+                    f"{group}.offload_device=nvme needs {group}.zero_stage=3 (it is {self.zero_stage}; ZeRO-Infinity)",
+                    f"set {group}.zero_stage=3 or {group}.offload_device=cpu",
+                )
+            if not self.nvme_path:
+                raise fail(
+                    f"{group}.offload_device=nvme needs {group}.nvme_path", f"set {group}.nvme_path=/local/nvme/dir"
+                )
 
 
 @dataclass

@@ -85,12 +85,21 @@ def _failed(per_rank: List[Dict[str, Any]]) -> Optional[str]:
     return "; ".join(f"rank {r['rank']} exited {r['exit']}: {r['cause']} (log {r['log']})" for r in bad[:3])
 
 
-def planned_peak_memory(run: RunConfig, world: int) -> Optional[int]:
-    """Hook for the launch issue's `plan` (#12): its predicted peak memory per rank, to compare with the
-    measured one. The planner lives in ``engine/planner.py``, which ``doctor`` (an ``engine`` sibling)
-    may not import; once its memory arithmetic moves a layer down (models/ or config/), call it here.
-    Until then: None, and the row shows the measured figure only."""
-    return None
+def planned_peak_memory(run: RunConfig, world: int, device: torch.device) -> Dict[str, Any]:
+    """`scale-hyper plan`'s figure for this rank's training memory (``models/memory.py``): model state at
+    the configured ZeRO stage, gathered ZeRO-3 weights, the reduce bucket and the micro batch's
+    activations (analytic), in the precision this device trains in. On a CPU rank the measured peak RSS
+    also holds what plan does not count: Python, torch, DeepSpeed and the data loader."""
+    from scale_hyper.config.batch import global_batch, split_batch
+    from scale_hyper.models import memory
+
+    t, ds = run.train, run.deepspeed
+    auto = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    precision = auto if ds.precision == "auto" else ds.precision
+    micro, accum = split_batch(global_batch(t.global_batch_size, t.micro_batch_size, world), t.micro_batch_size, world)
+    part = memory.rank_bytes(run, memory.parameter_layout(run), ds.zero_stage, world, precision, micro, accum,
+                             host=device.type != "cuda")  # fmt: skip
+    return {**part, "precision": precision, "micro": micro}
 
 
 def check_training(run: RunConfig, per_rank: List[Dict[str, Any]], device: torch.device, world: int) -> List[Result]:
@@ -163,13 +172,18 @@ def check_training(run: RunConfig, per_rank: List[Dict[str, Any]], device: torch
     tok_s = statistics.median(tokens)
     mfus = [float(r["mfu"]) for r in rows[2:] if "mfu" in r]
     peak = max(int(p.get("peak_memory_bytes", 0)) for p in probes)
-    planned = planned_peak_memory(run, world)
+    plan = planned_peak_memory(run, world, device)
     mfu = f"MFU {statistics.median(mfus) * 100:.1f} %" if mfus else "MFU n/a (no peak FLOP/s known for this device)"
     detail = (f"median over steps 3+: {tok_s:,.0f} tokens/s over {world} rank(s), {mfu}; peak memory "
               f"{human_bytes(peak)} ({p0.get('memory_kind', '?')}, the largest rank)")  # fmt: skip
-    detail += f", plan: {human_bytes(planned)}" if planned else ", plan: n/a (not reachable from doctor yet)"
-    results.append(Result("training/throughput", PASS, f"{tok_s:,.0f} tok/s",
-                          detail, {"tokens_per_s": tok_s, "mfu": mfus, "peak_memory_bytes": peak}))  # fmt: skip
+    diff = peak - plan["total"]
+    detail += (f"; plan: {human_bytes(plan['total'])} (model state {human_bytes(sum(plan['state'].values()))}, "
+               f"activations of micro {plan['micro']} {human_bytes(plan['total'] - plan['fixed'])}, {plan['precision']}), "
+               f"measured {'+' if diff >= 0 else '-'}{human_bytes(abs(diff))}"
+               + (" (the rest of a CPU rank's RSS: Python, torch, DeepSpeed, the data loader)" if device.type != "cuda" else ""))  # fmt: skip
+    results.append(Result("training/throughput", PASS, f"{tok_s:,.0f} tok/s", detail,
+                          {"tokens_per_s": tok_s, "mfu": mfus, "peak_memory_bytes": peak,
+                           "planned_memory_bytes": plan["total"]}))  # fmt: skip
     return results
 
 

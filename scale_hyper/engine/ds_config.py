@@ -111,10 +111,13 @@ def generate(run: RunConfig, world_size: int, device: torch.device) -> Dict[str,
     }
     if ds.zero_stage == 3:
         zero["stage3_param_persistence_threshold"] = ds.param_persistence_threshold
+    where = {"device": ds.offload_device, "pin_memory": device.type == "cuda"}
+    if ds.offload_device == "nvme":  # ZeRO-Infinity: DeepSpeed's async_io op swaps the state to this directory
+        where["nvme_path"] = ds.nvme_path
     if ds.offload_optimizer:
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": device.type == "cuda"}
+        zero["offload_optimizer"] = dict(where)
     if ds.offload_param:
-        zero["offload_param"] = {"device": "cpu", "pin_memory": device.type == "cuda"}
+        zero["offload_param"] = dict(where)
     out: Dict[str, Any] = {
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": accum,

@@ -20,7 +20,7 @@ from typing import Dict, List, Optional
 import torch
 
 from scale_hyper import runs
-from scale_hyper.config import RunConfig
+from scale_hyper.config import ConfigError, RunConfig
 from scale_hyper.config.model import ModelConfig
 
 # ModelConfig fields a user may change when starting from trained weights.
@@ -86,3 +86,23 @@ def load_weights(model: torch.nn.Module, path: str, verify: str = "full") -> Opt
         state = runs.load_mlm(source).state_dict()
     runs.load_strict(model, state, source.path)
     return str(source.path)
+
+
+def check_resume_geometry(run: RunConfig, ckpt) -> None:
+    """Resuming a checkpoint of another architecture is refused before anything is built, naming the
+    difference (DeepSpeed would fail later, deep in its partition loader, with tensor sizes only)."""
+    try:
+        theirs = runs.run_config_of(ckpt).model
+    except Exception:  # noqa: BLE001  no readable stored config (a foreign checkpoint):
+        return  # DeepSpeed's loader is the only judge
+    differ = [
+        f"model.{f.name}={getattr(theirs, f.name)} there, {getattr(run.model, f.name)} here"
+        for f in dataclasses.fields(ModelConfig)
+        if f.name not in FREE_FIELDS and getattr(theirs, f.name) != getattr(run.model, f.name)
+    ]
+    if differ:
+        raise ConfigError(
+            f"checkpoint {ckpt} has another architecture than this run ({'; '.join(differ[:4])}) — set those "
+            f"values to resume it, or start a new run in another train.output_dir (train.init_from={ckpt} "
+            "takes its weights and geometry)"
+        )

@@ -4,35 +4,35 @@ For a world size and a GPU: the micro-batch/accumulation split (``config.batch.s
 memory by ZeRO stage 0–3, the largest micro batch that fits, tokens per step, step time and days to the
 run's budget (``train.max_steps`` × global batch × seq_len tokens) at a stated MFU.
 
-Model state (weights, gradients, fp32 master copy, Adam moments) follows DeepSpeed 0.19.8's partitioning
-parameter by parameter: ZeRO-1/2 flatten each optimizer group, pad it to a multiple of 2 × world and
-give each rank one slice; ZeRO-3 gives each parameter its own ⌈numel / world⌉ slice and keeps small
-parameters (< ``deepspeed.param_persistence_threshold``) and the resident shared hypernetwork whole on
-every rank. ZeRO-1 keeps full gradients between micro-batches (reduced at the accumulation boundary),
-ZeRO-2/3 reduce-scatter them as they come. The fp32 figures are checked against the bytes CPU ranks
-really hold (``tests/test_plan.py``, ``tests/plan_worker.py``); bf16 adds DeepSpeed's fp32 master
-partition to 16-bit weights and gradients, as in the ZeRO paper (2 + 2 + 12 bytes per parameter at
-stage 0), and is not measured here (no GPU).
-
-Activations are analytic and labelled so: per layer and token, 34·d bytes in 16-bit (Korthikanti et al.
-2022, "Reducing Activation Recomputation in Large Transformer Models": attention block 11·d, MLP
-19·d, two LayerNorms 4·d; no s² term, since SDPA's flash/memory-efficient kernels keep no attention
-matrix), plus the mixer's own tensors (the hypernetwork's layers at width d_h and the generated W1, W2
-for hyperbert; W1, W2 for hypermixer), the embeddings and the sparse MLM head; with
-``train.activation_checkpointing=non_reentrant`` only each block's input is kept, plus one block
-recomputed in backward. Imports torch and the model code (to count parameters on the meta device),
-never DeepSpeed.
+The arithmetic is ``models/memory.py`` (shared with the trainer's fit check and the doctor): model
+state (weights, gradients, fp32 master copy, Adam moments) follows DeepSpeed 0.19.8's partitioning
+parameter by parameter; ZeRO-3 also holds gathered weights during forward and backward (a model
+below DeepSpeed's reuse window, 1e9 elements, is whole from forward through backward). The fp32
+figures are checked against the bytes CPU ranks really hold (``tests/test_plan.py``,
+``tests/plan_worker.py``) and against peak host memory (docs/benchmarks.md, "Models past one device");
+bf16 adds DeepSpeed's fp32 master partition to 16-bit weights and gradients, as in the ZeRO paper, and
+is not measured here (no GPU). Activations are analytic and labelled so (Korthikanti et al. 2022).
+Also: the per-rank peak while the model is built (whole, or partitioned under ``deepspeed.zero.Init``)
+and ZeRO-3's all-gather / reduce-scatter bytes per step with the shared hypernetwork resident or
+partitioned. Imports torch and the model code (to count parameters on the meta device), never DeepSpeed.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import sys
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
 from scale_hyper.config import ConfigError, RunConfig
+from scale_hyper.models.memory import (
+    activation_bytes,
+    build_peak_bytes,
+    model_state_bytes,
+    parameter_layout,
+    rank_bytes,
+    zero3_comm_bytes,
+)
 
 GiB = 1024**3
 
@@ -91,71 +91,6 @@ def configured_stage(run: RunConfig) -> int:
     return run.deepspeed.zero_stage
 
 
-def parameter_layout(run: RunConfig) -> Dict[str, Any]:
-    """Per-parameter sizes, optimizer groups and ZeRO-3 persistence, from the model built on the meta device."""
-    import torch
-
-    from scale_hyper.engine.setup import param_groups
-    from scale_hyper.models import build_model
-
-    with torch.device("meta"):
-        model = build_model(run.model, task="mlm")
-    shared = (
-        {id(p) for m in model.shared_modules() for p in m.parameters()} if run.deepspeed.hypernet_resident else set()
-    )
-    groups = param_groups(model, run.train.weight_decay, run.train.decay_embeddings)
-    numels = [p.numel() for p in model.parameters()]
-    threshold = run.deepspeed.param_persistence_threshold
-    persistent = [p.numel() for p in model.parameters() if p.numel() < threshold or id(p) in shared]
-    return {
-        "params": sum(numels),
-        "numels": numels,
-        "group_numels": [sum(p.numel() for p in g["params"]) for g in groups if g["params"]],
-        "persistent_numels": persistent,
-    }
-
-
-def model_state_bytes(
-    layout: Dict[str, Any], stage: int, world: int, precision: str, accumulation: int
-) -> Dict[str, int]:
-    """Bytes of weights, gradients, fp32 master copy and Adam moments one rank holds (see the module docstring)."""
-    psi = layout["params"]
-    half = precision in ("bf16", "fp16")
-    wb = 2 if half else 4  # weights and gradients in the training precision
-
-    def flat_partition(n: int) -> int:  # ZeRO-1/2: a group padded to a multiple of 2 × world, one slice per rank
-        return math.ceil(n / (2 * world)) * 2
-
-    zero12 = sum(flat_partition(n) for n in layout["group_numels"])
-    zero3 = sum(math.ceil(n / world) for n in layout["numels"])
-    if stage == 0:
-        own = psi if not half else zero12  # bf16 ZeRO-0: DeepSpeed's BF16_Optimizer partitions the fp32 state too
-        return {"weights": psi * wb, "gradients": psi * wb + (psi * 4 if half else 0),
-                "master": own * 4 if half else 0, "adam": own * 8}  # fmt: skip
-    if stage in (1, 2):
-        full_grads = stage == 1 and accumulation > 1  # ZeRO-1 reduces only at the accumulation boundary
-        return {"weights": zero12 * world * wb, "gradients": (max(psi, zero12) if full_grads else zero12) * wb,
-                "master": zero12 * 4, "adam": zero12 * 8}  # fmt: skip
-    resident = sum(layout["persistent_numels"])
-    return {"weights": (zero3 + resident) * wb, "gradients": zero3 * wb, "master": zero3 * 4, "adam": zero3 * 8}
-
-
-def activation_bytes(run: RunConfig, micro: int, checkpointing: bool, precision: str) -> int:
-    """Analytic activation memory of one micro batch (see the module docstring)."""
-    mc, s, b = run.model, run.data.seq_len, micro
-    d, L = mc.hidden_size, mc.num_layers
-    scale = 1.0 if precision in ("bf16", "fp16") else 2.0  # the counts are for 16-bit activations
-    layer = 34 * d
-    if mc.mixer == "hyperbert":
-        layer += mc.hyper_layers * 34 * mc.hyper_width + 4 * 2 * mc.mixer_width  # hypernetwork layers, W1/W2
-    elif mc.mixer == "hypermixer":
-        layer += 4 * 2 * mc.mixer_width + 4 * d
-    head = mc.vocab_size * 6 * run.data.mask_prob + 4 * d  # sparse logits (16-bit + fp32 for the loss), transform
-    embed = 5 * d
-    per_token = (2 * d * L + layer) if checkpointing else layer * L
-    return int(s * b * (per_token + head + embed) * scale)
-
-
 def plan(run: RunConfig, gpus: int, gpu: GPU, mfu: float, layout: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     from scale_hyper.config.batch import global_batch, split_batch
     from scale_hyper.models.flops import train_flops_per_token
@@ -170,12 +105,11 @@ def plan(run: RunConfig, gpus: int, gpu: GPU, mfu: float, layout: Optional[Dict[
     layout = layout or parameter_layout(run)
     precision = _precision(run)
     usable = gpu.memory_gib * GiB * USABLE
-    bucket = run.deepspeed.reduce_bucket_size * (2 if precision in ("bf16", "fp16") else 4)
     ckpt_on = t.activation_checkpointing != "none"
     stages: List[Dict[str, Any]] = []
     for stage in range(4):
-        state = model_state_bytes(layout, stage, gpus, precision, accum)
-        fixed = sum(state.values()) + (bucket if stage else 0)
+        part = rank_bytes(run, layout, stage, gpus, precision, micro, accum)
+        state, fixed = part["state"], part["fixed"]
         fits = {}
         for ckpt in (False, True):
             best = 0
@@ -187,13 +121,11 @@ def plan(run: RunConfig, gpus: int, gpu: GPU, mfu: float, layout: Optional[Dict[
                 else:
                     hi = mid - 1
             fits["checkpointing" if ckpt else "plain"] = best
-        act = {"plain": activation_bytes(run, micro, False, precision),
-               "checkpointing": activation_bytes(run, micro, True, precision)}  # fmt: skip
-        total = fixed + act["checkpointing" if ckpt_on else "plain"]
         stages.append({
             "stage": stage, **{f"{k}_bytes": v for k, v in state.items()}, "model_state_bytes": sum(state.values()),
-            "bucket_bytes": bucket if stage else 0, "activations_bytes": act, "total_bytes": total,
-            "fits": total <= usable, "max_micro": fits,
+            "bucket_bytes": part["bucket"], "gathered_bytes": part["gathered"], "offloaded_bytes": part["offloaded"],
+            "activations_bytes": part["activations"], "total_bytes": part["total"],
+            "fits": part["total"] <= usable, "max_micro": fits,
         })  # fmt: skip
     flops_token = train_flops_per_token(run.model, run.data.seq_len, run.data.mask_prob)
     tokens_step = global_ * run.data.seq_len
@@ -209,6 +141,8 @@ def plan(run: RunConfig, gpus: int, gpu: GPU, mfu: float, layout: Optional[Dict[
             "(--gpu / --gpu-mem), a smaller model, or CPU offload (deepspeed.offload_optimizer=true, "
             "deepspeed.offload_param=true)"
         )
+    wire = (gpus - 1) / gpus
+    comm = {kind: zero3_comm_bytes(layout, precision, kind == "resident") for kind in ("resident", "partitioned")}
     suggest = None
     if configured["max_micro"][key]:
         s_micro, s_accum = split_batch(global_, min(t.micro_batch_size, configured["max_micro"][key]), gpus)
@@ -223,6 +157,9 @@ def plan(run: RunConfig, gpus: int, gpu: GPU, mfu: float, layout: Optional[Dict[
         "flops_per_token": flops_token, "mfu": mfu, "step_time_s": step_s,
         "days": step_s * t.max_steps / 86400 if step_s is not None else None,
         "stages": stages,
+        "build_peak_bytes": {"whole": build_peak_bytes(layout, gpus, precision, partitioned=False),
+                             "partitioned": build_peak_bytes(layout, gpus, precision, partitioned=True)},
+        "zero3_comm_bytes": {**comm, "link_fraction": wire, "hypernet_params": layout["shared_numel"]},
     }  # fmt: skip
 
 
@@ -247,7 +184,9 @@ def render(p: Dict[str, Any]) -> str:
         ("fp32 master weights", [s["master_bytes"] for s in st]),
         ("Adam moments (fp32)", [s["adam_bytes"] for s in st]),
         ("model state", [s["model_state_bytes"] for s in st]),
+        ("offloaded (host/NVMe)", [-s["offloaded_bytes"] for s in st]),
         ("reduce bucket", [s["bucket_bytes"] for s in st]),
+        ("gathered weights (Z3)", [s["gathered_bytes"] for s in st]),
         (f"activations, micro {b['micro']} *", [s["activations_bytes"]["plain"] for s in st]),
         ("  with act. ckpt *", [s["activations_bytes"]["checkpointing"] for s in st]),
         ("total (configured)", [s["total_bytes"] for s in st]),
@@ -256,7 +195,14 @@ def render(p: Dict[str, Any]) -> str:
         lines.append(f"{name:<24}" + " ".join(_gib(v) for v in vals))
     lines.append(f"{'largest micro':<24}" + " ".join(f"{s['max_micro']['plain']:>8}" for s in st))
     lines.append(f"{'  with act. ckpt':<24}" + " ".join(f"{s['max_micro']['checkpointing']:>8}" for s in st))
-    lines.append("* activations are analytic (Korthikanti et al. 2022 per-layer counts; scale_hyper/engine/planner.py)")
+    lines.append("* activations are analytic (Korthikanti et al. 2022 per-layer counts; scale_hyper/models/memory.py)")
+    build, comm = p["build_peak_bytes"], p["zero3_comm_bytes"]
+    lines.append(f"building the model, per rank: whole {build['whole'] / GiB:.2f} GiB (fp32), partitioned "
+                 f"(deepspeed.zero.Init) {build['partitioned'] / GiB:.2f} GiB")  # fmt: skip
+    res, part = comm["resident"], comm["partitioned"]
+    lines.append(f"ZeRO-3 per step (every weight released after use): all-gather {res['all_gather'] / GiB:.2f} GiB with "
+                 f"the hypernetwork resident, {part['all_gather'] / GiB:.2f} GiB partitioned; reduce-scatter "
+                 f"{res['reduce_scatter'] / GiB:.2f} GiB; each rank's link carries {comm['link_fraction']:.3f} of it")  # fmt: skip
     stage = p["zero_stage"]
     verdict = "fits" if b["fits_at_configured_stage"] else "does NOT fit"
     lines.append(

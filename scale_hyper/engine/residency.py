@@ -1,5 +1,11 @@
 """Keep the shared hypernetwork resident on every rank under ZeRO-3.
 
+The trainer makes it resident at construction (``partitioned.build``: persistent ZeRO-3 parameters
+from the start, never partitioned) and checks after ``deepspeed.initialize`` that DeepSpeed kept it so
+(``resident_since_construction``). ``keep_resident`` marks an already-initialised engine's modules
+persistent after the fact — the older route, which tests and benchmarks still use on models built
+whole; it all-gathers the weights once.
+
 ZeRO-3 has no per-module "do not partition" switch (DeepSpeed#7271), only a size threshold. Every
 layer calls the one shared hypernetwork, so partitioning it would all-gather the same weights L times
 per forward and again in backward. DeepSpeed's own "persistent parameter" mechanism is what the
@@ -41,6 +47,25 @@ def keep_resident(engine, modules: Iterable[nn.Module]) -> List[torch.nn.Paramet
     if marked:
         marked[0].all_gather(marked)  # available from the first forward on
     return marked
+
+
+def resident_since_construction(engine, modules: Iterable[nn.Module]) -> List[torch.nn.Parameter]:
+    """The modules' parameters, each checked to be persistent and in the optimizer's list of persistent
+    parameters (gathered on first use, then re-gathered only after each step and checkpoint load).
+    [] below ZeRO-3. DeepSpeed releases every parameter once inside ``initialize`` (after hooking its
+    gradient) and after each use during its first step (the fetch-trace recording), persistent or not."""
+    persistent = getattr(getattr(engine, "optimizer", None), "persistent_parameters", None)
+    if engine.zero_optimization_stage() != 3 or persistent is None:
+        return []
+    registered = {id(p) for p in persistent}
+    params = [p for m in modules for p in m.parameters()]
+    stray = [p for p in params if not (getattr(p, "ds_persist", False) and id(p) in registered)]
+    if stray:
+        raise RuntimeError(
+            f"{len(stray)} of {len(params)} shared parameters are not persistent after deepspeed.initialize "
+            "(were they built through models.construction.build_shared under partitioned.build?)"
+        )
+    return params
 
 
 def is_available(param: torch.nn.Parameter) -> bool:

@@ -16,17 +16,16 @@ import torch.distributed as dist
 
 from scale_hyper import runs
 from scale_hyper.config import RunConfig, to_yaml
-from scale_hyper.engine import ds_config, init_from, resume
+from scale_hyper.engine import ds_config, fit, init_from, offload, partitioned, resume
 from scale_hyper.engine.checkpointer import Checkpointer
 from scale_hyper.engine.distributed import DistInfo, all_groups_wait
 from scale_hyper.engine.evaluator import Evaluator
 from scale_hyper.engine.progress import log
 from scale_hyper.engine.reporter import Reporter
-from scale_hyper.engine.residency import keep_resident
+from scale_hyper.engine.residency import resident_since_construction
 from scale_hyper.engine.state import TrainState
 from scale_hyper.engine.watchdog import guard_plain_optimizer
 from scale_hyper.models.flops import peak_flops, train_flops_per_token
-from scale_hyper.models.params import weight_decay_groups
 
 
 @dataclass
@@ -72,25 +71,41 @@ def prepare_data(run: RunConfig, info: DistInfo) -> Dict[str, Any]:
 
 
 def build_model(run: RunConfig, info: DistInfo, ckpt: Optional[Path]) -> torch.nn.Module:
-    """Phase 2: the same initial weights on every rank (or init_from's, for a new run)."""
+    """Phase 2: the same initial weights on every rank (or init_from's, for a new run). Under ZeRO-3 the
+    model is built partitioned, its shared modules whole on every rank (``partitioned.py``)."""
     from scale_hyper.models import build_model as build
 
+    ds = ds_config.build(run, info.world_size, info.device)
+    fit.check(run, info, ds)  # before any allocation: a model that cannot fit even fully partitioned
+    offload.ensure_ops(
+        ds
+    )  # cpu_adam / async_io (zero.Init swaps to NVMe already) built, or one line naming what is missing
+    if ckpt is not None:
+        init_from.check_resume_geometry(run, ckpt)
     torch.manual_seed(run.train.seed)
-    model = build(run.model, task="mlm")
+    # init_from's weights are loaded before deepspeed.initialize (into the partitions, under zero_init)
+    weights = run.train.init_from if ckpt is None else None
+    with fit.building(run):
+        model, loaded = partitioned.build(
+            run, ds, lambda: build(run.model, task="mlm"), weights, run.train.verify_checkpoint
+        )
+    if loaded:
+        log(info, f"initialised from {loaded}")
     if run.train.activation_checkpointing == "non_reentrant":
         model.set_activation_checkpointing(True)
-    if ckpt is None and run.train.init_from:  # before deepspeed.initialize: ZeRO-3 partitions what is loaded
-        log(info, f"initialised from {init_from.load_weights(model, run.train.init_from, run.train.verify_checkpoint)}")
+    if partitioned.is_partitioned(model):
+        held = partitioned.held_numel(model)
+        how = "partitioned (deepspeed.zero.Init)" if run.deepspeed.zero_init else "whole, then split"
+        log(info, f"model: built {how} over {info.world_size} rank(s): {held['total']:,} parameters; this rank "
+                  f"holds {held['partition']:,} in its partition and {held['gathered']:,} whole (shared modules)")  # fmt: skip
     return model
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float, decay_embeddings: bool) -> List[Dict[str, Any]]:
-    """AdamW groups (``models.params.weight_decay_groups``): no decay on norms and biases (nor on embeddings
-    unless configured)."""
-    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
-    decay, no_decay = weight_decay_groups(((n, p.shape) for n, p in trainable.items()), decay_embeddings)
-    return [{"params": [trainable[n] for n in decay], "weight_decay": weight_decay},
-            {"params": [trainable[n] for n in no_decay], "weight_decay": 0.0}]  # fmt: skip
+    """AdamW groups: no decay on norms and biases (nor on embeddings unless configured)."""
+    from scale_hyper.models.params import decay_groups
+
+    return decay_groups(model, weight_decay, decay_embeddings)
 
 
 def start_deepspeed(run: RunConfig, info: DistInfo, model: torch.nn.Module, ckpt: Optional[Path]) -> tuple:
@@ -101,7 +116,8 @@ def start_deepspeed(run: RunConfig, info: DistInfo, model: torch.nn.Module, ckpt
     if ckpt is not None and runs.read_state(ckpt).get("universal"):
         ds["checkpoint"] = {"load_universal": True}
     groups = param_groups(model, run.train.weight_decay, run.train.decay_embeddings)
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds)
+    with partitioned.registering_persistent():  # the shared modules, persistent since construction
+        engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds)
     all_groups_wait(run.train.dist_timeout_minutes)  # its groups were made with torch's default timeout
     if not hasattr(engine.optimizer, "overflow"):  # ZeRO-0 fp32: a plain torch optimizer
         guard_plain_optimizer(engine.optimizer)
@@ -109,8 +125,9 @@ def start_deepspeed(run: RunConfig, info: DistInfo, model: torch.nn.Module, ckpt
 
 
 def keep_shared_resident(run: RunConfig, engine: Any, model: Any) -> List[Any]:
-    """Phase 4: ZeRO-3 keeps the shared hypernetwork (and shared mixers) gathered on every rank."""
-    resident = keep_resident(engine, model.shared_modules()) if run.deepspeed.hypernet_resident else []
+    """Phase 4: under ZeRO-3 the shared hypernetwork (and shared mixers) are whole on every rank since
+    construction (``partitioned.build``); this checks that DeepSpeed kept them so."""
+    resident = resident_since_construction(engine, model.shared_modules()) if run.deepspeed.hypernet_resident else []
     if run.train.compile:  # DeepSpeed's entry point: compiles the module in place, parameter names unchanged
         engine.compile()
     return resident

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .construction import build_shared
 from .layers import FeedForward
 from .mixer_bert import BertMixer
 from .mixer_hyla import HylaMixer
@@ -78,13 +79,16 @@ class Encoder(nn.Module):
     def __init__(self, cfg) -> None:
         super().__init__()
         # Registered here, once: blocks only receive it as an argument, so its parameters appear
-        # once in state_dict() and ZeRO-3 sees a single module called L times.
-        self.hypernet = HyperNetwork(cfg) if cfg.mixer == "hyperbert" else None
+        # once in state_dict() and ZeRO-3 sees a single module called L times. build_shared lets a
+        # trainer keep it whole on every rank while it partitions the rest (construction.py).
+        self.hypernet = build_shared(lambda: HyperNetwork(cfg)) if cfg.mixer == "hyperbert" else None
         # model.share_mixers=k: k mixers owned here and shared across the L layers (cross-layer
         # sharing, e.g. a transplanted model trained at a fixed mixing-parameter budget). Owned by
         # the encoder like the hypernetwork, so each parameter exists once everywhere.
         share = getattr(cfg, "share_mixers", 0)
-        self.shared_mixers = nn.ModuleList(build_mixer(cfg) for _ in range(share)) if share else None
+        self.shared_mixers = (
+            build_shared(lambda: nn.ModuleList(build_mixer(cfg) for _ in range(share))) if share else None
+        )
         self.mixer_of_layer = mixer_map(cfg.num_layers, share, getattr(cfg, "share_order", "cycle")) if share else None
         self.layers = nn.ModuleList(EncoderBlock(cfg, own_mixer=not share) for _ in range(cfg.num_layers))
         self.final_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps) if cfg.norm_position == "pre" else None

@@ -51,6 +51,17 @@ class ScaleHyperPreTrainedModel(PreTrainedModel):
         elif isinstance(module, MaskedLMHead):
             init.zeros_(module.bias)
 
+    @torch.no_grad()
+    @init.guard_torch_init_functions()
+    def initialize_weights(self) -> None:
+        """transformers' initialisation, in its order (children first), but through ``nn.Module.apply``:
+        a construction context that partitions parameters across ranks (the training engine's, under
+        ZeRO-3) wraps ``apply`` to gather each module's weights around the call, so a partitioned build
+        draws the same weights from the same seed as a whole one. Our models nest no PreTrainedModel
+        with another ``_init_weights``, so one function serves every module."""
+        custom = self.is_custom_code()
+        self.apply(lambda module: self._initialize_weights(module, custom))
+
     # --- conventions the training engine relies on ---
     def _backbone(self) -> ScaleHyperModel:
         return self if isinstance(self, ScaleHyperModel) else self.model

@@ -89,3 +89,14 @@ def parameter_report(mc: ModelConfig) -> dict:
         "delta_params": delta,
         "delta_pct": 100.0 * delta / baseline["total"],
     }
+
+
+def decay_groups(model: nn.Module, weight_decay: float, decay_embeddings: bool) -> list[dict]:
+    """AdamW groups by ``weight_decay_groups``' rule. The trainer's optimizer groups and the planner's
+    ZeRO-1/2 partition sizes both come from here. A parameter built partitioned (ZeRO-3) is judged by
+    its full shape (``ds_shape``), not by its empty local stand-in."""
+    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    shapes = ((name, tuple(getattr(p, "ds_shape", p.shape))) for name, p in trainable.items())
+    decay, no_decay = weight_decay_groups(shapes, decay_embeddings)
+    return [{"params": [trainable[n] for n in decay], "weight_decay": weight_decay},
+            {"params": [trainable[n] for n in no_decay], "weight_decay": 0.0}]  # fmt: skip
