@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import pytest
+from conftest import unavailable
 from launch import free_port
 from test_slurm import TERMINAL, Job, cluster  # noqa: F401  (cluster: tests/test_slurm.py's SLURM fixture, reused)
 
@@ -454,9 +455,7 @@ class Sessions:
 def sessions(tmp_path_factory, request):
     try:
         partition: Optional[str] = request.getfixturevalue("cluster")["partition"]
-    except pytest.skip.Exception as why:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI=true but no SLURM for the documented sbatch commands: {why}")
+    except pytest.skip.Exception:  # local runs only: under CI=true the fixture fails (conftest.unavailable)
         partition = None
     root = tmp_path_factory.mktemp("docs")
     shards = root / "shards"
@@ -487,7 +486,7 @@ def _params():
 @pytest.mark.parametrize("cmd", _params())
 def test_documented_command_runs(cmd: Command, sessions: Sessions):
     if "sbatch " in cmd.text and not sessions.partition:
-        pytest.skip("no SLURM cluster here (tests/test_slurm.py's `cluster` fixture says why)")
+        unavailable("no SLURM cluster here (tests/test_slurm.py's `cluster` fixture says why)")
     results = sessions.run(cmd.doc)
     assert cmd.id in results, f"{cmd.id} did not run (the session stopped before it?):\n{cmd.text}"
     res = results[cmd.id]

