@@ -7,9 +7,10 @@
   ``need_module(name)`` and ``need_program(name, hint)`` are its two common cases.
 * Parallel runs (pytest-xdist, ``-n 2 --dist loadgroup`` as `.ci/run` does): every test gets an
   ``xdist_group``, so what must not run twice or side by side stays on one worker —
-  ``slurm``-marked tests (they share the 2-node test cluster), ``image``-marked ones (the one image
-  build), and otherwise a test module as a whole (its module-scoped fixtures — prepared shards,
-  reference trainings, servers — are then made once). A module may set ``XDIST_GROUP = name`` or
+  ``slurm``-marked tests (they share the 2-node test cluster; a test that uses tests/test_slurm.py's
+  ``cluster`` fixture, directly or through ``submit``, is marked so here), ``image``-marked ones (the
+  one image build), and otherwise a test module as a whole (its module-scoped fixtures — prepared
+  shards, reference trainings, servers — are then made once). A module may set ``XDIST_GROUP = name`` or
   ``xdist_group_of(item)`` to choose finer groups (tests/test_docs_commands.py: one per document).
 """
 
@@ -67,6 +68,8 @@ def _group(item: pytest.Item) -> str:
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the marks (--dist loadgroup)
 def pytest_collection_modifyitems(config, items):
     for item in items:
+        if "cluster" in getattr(item, "fixturenames", ()) and not item.get_closest_marker("slurm"):
+            item.add_marker(pytest.mark.slurm)
         if not item.get_closest_marker("xdist_group"):
             item.add_marker(pytest.mark.xdist_group(_group(item)))
 
