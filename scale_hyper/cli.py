@@ -89,6 +89,10 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _checkpoint(args: argparse.Namespace) -> int:
+    if args.action == "verify":  # no torch, no DeepSpeed: only the files and their manifests
+        from scale_hyper.runs import verify_report
+
+        return verify_report.main(args.checkpoint, "sizes" if args.sizes_only else "full")
     from scale_hyper.engine import checkpointer
 
     return checkpointer.main(args.action, args.checkpoint, args.out)
@@ -104,6 +108,10 @@ def _bench(args: argparse.Namespace) -> int:
         from scale_hyper.bench import prepare
 
         return prepare.main(run)
+    if args.what == "checkpoint":
+        from scale_hyper.bench import checkpoint
+
+        return checkpoint.main(run, args.size_mb)
     from scale_hyper.bench import train
 
     return train.main(run)
@@ -196,12 +204,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="checkpoint directory (runs/x/checkpoints/step_N) or run output_dir")
     p.add_argument("out", help="output directory")
     _with_configs(p)
-    p = verb("checkpoint", _checkpoint, "checkpoint tools")
-    p.add_argument("action", choices=["universal"], help="universal: convert for resuming at another world size")
-    p.add_argument("checkpoint", help="checkpoint directory")
-    p.add_argument("--out", default=None, help="output directory (default: CHECKPOINT_universal)")
+    p = verb("checkpoint", _checkpoint, "checkpoint tools: verify against the manifests, convert to universal")
+    p.add_argument("action", choices=["verify", "universal"],
+                   help="verify: each checkpoint intact / damaged (file, size, checksum) / unverifiable, exit 1 if "
+                   "one is damaged; universal: convert for resuming at another world size")  # fmt: skip
+    p.add_argument("checkpoint", help="checkpoint directory (verify: also a run directory: all its checkpoints)")
+    p.add_argument("--out", default=None, help="universal: output directory (default: CHECKPOINT_universal)")
+    p.add_argument("--sizes-only", action="store_true", help="verify: file sizes only, no checksums (fast)")
     p = verb("bench", _bench, "benchmarks that print figures")
-    p.add_argument("what", choices=["data", "prepare", "train"])
+    p.add_argument("what", choices=["data", "prepare", "train", "checkpoint"])
+    p.add_argument("--size-mb", type=int, default=1024, metavar="N",
+                   help="checkpoint: MiB of files to write and verify under train.output_dir (default 1024)")  # fmt: skip
     _with_configs(p)
     p = verb("eval", _eval, "MLM loss, perplexity and accuracy on validation shards")
     p.add_argument("model", help="checkpoint (runs/x/checkpoints/step_N), run output_dir, or Hugging Face directory")

@@ -10,6 +10,7 @@
 #                        "$@": the template's arguments, appended to the train command (key=value ...)
 #   sh_preflight         optional rank/connectivity check through the same launch path
 #   sh_train             run training as a background step, forward SIGUSR1 to it, requeue if preempted
+#                        or if a rank hung (exit HUNG_EXIT_CODE) after a newer checkpoint was saved
 #   sh_doctor            run `scale-hyper doctor` instead (slurm/doctor.sbatch): table in the log, JSON beside it
 # See slurm/README.md for the why of each choice.
 
@@ -36,6 +37,7 @@ sh_defaults() {
     : "${DIST_TIMEOUT_MINUTES:=30}"
     : "${PREFLIGHT:=1}"
     : "${MAX_REQUEUES:=20}"
+    : "${HUNG_EXIT_CODE:=5}"   # what every live rank exits with when a rank sent no heartbeat (hung)
     : "${FINISHED_PATTERN:=training finished}"
     RUN_DIR=${RUN_DIR:-$RUNS_DIR/$RUN_NAME}
     export MLFLOW_TRACKING_URI MLFLOW_EXPERIMENT_NAME="$MLFLOW_EXPERIMENT"
@@ -59,9 +61,11 @@ sh_defaults() {
             export GLOO_SOCKET_IFNAME=$NCCL_SOCKET_IFNAME
         fi
     fi
-    # A dead or hung rank stops the others after this long (minutes): DeepSpeed's variable and the
-    # trainer's train.dist_timeout_minutes are kept equal.
-    export DEEPSPEED_TIMEOUT=${DEEPSPEED_TIMEOUT:-$DIST_TIMEOUT_MINUTES}
+    # A rank silent this long (minutes, fractions allowed) is named and the job ends (status
+    # HUNG_EXIT_CODE); collectives wait a little longer. DeepSpeed reads DEEPSPEED_TIMEOUT as whole
+    # minutes at import (int(): "0.5" would crash it), hence the rounding up.
+    export DEEPSPEED_TIMEOUT=${DEEPSPEED_TIMEOUT:-$(awk -v m="$DIST_TIMEOUT_MINUTES" \
+        'BEGIN { c = int(m); if (c < m) c++; if (c < 1) c = 1; print c }')}
     # Python tracebacks of all threads on a hard crash (segfault, abort) end up in the job log.
     export PYTHONFAULTHANDLER=1 PYTHONUNBUFFERED=1
 }
@@ -339,15 +343,23 @@ sh_train() {
             sh_log "the run had already finished when the signal came: not requeueing"
             return 0
         fi
-        if (( ! SH_PREEMPTED )); then
+        if (( ! SH_PREEMPTED )) && (( SH_STEP_RC != HUNG_EXIT_CODE )); then
             return "$SH_STEP_RC"
         fi
+        local why=signalled
+        if (( ! SH_PREEMPTED )); then
+            # A rank sent no heartbeat for train.dist_timeout_minutes (stopped, hung, its node gone): every
+            # live rank named it in the log above and exited with HUNG_EXIT_CODE. Requeued like a preemption.
+            why="a rank hung (status $SH_STEP_RC)"
+        fi
         # Requeue on the evidence of a new complete checkpoint, not on the exit status: a launcher
-        # (deepspeed, torchrun) relaying the signal may exit non-zero while its ranks saved and exited 0.
+        # (deepspeed, torchrun) relaying the signal may exit non-zero while its ranks saved and exited 0;
+        # and a hang that recurs before the next checkpoint must not requeue the job forever.
         if [[ -z $after || $after == "$before" ]]; then
-            sh_log "signalled, but no new checkpoint was completed (status $SH_STEP_RC): not requeueing"
+            sh_log "$why, but no new checkpoint was completed (status $SH_STEP_RC): not requeueing"
             return $(( SH_STEP_RC != 0 ? SH_STEP_RC : 1 ))
         fi
+        (( SH_PREEMPTED )) || sh_log "$why after saving the checkpoint of step $after"
         if [[ $SH_STOP_SIGNAL == TERM ]]; then
             sh_log "stopped by SIGTERM with a checkpoint at step $after: not requeueing" \
                 "(resubmit the same job to resume from it)"
@@ -358,7 +370,7 @@ sh_train() {
         sh_log "already restarted ${SLURM_RESTART_COUNT} times (MAX_REQUEUES=$MAX_REQUEUES): not requeueing"
         return 1
     fi
-    sh_log "checkpoint saved; requeueing job $SLURM_JOB_ID (it resumes from the checkpoint)"
+    sh_log "requeueing job $SLURM_JOB_ID (it resumes from the newest checkpoint)"
     scontrol requeue "$SLURM_JOB_ID" || sh_die "scontrol requeue failed (was the job submitted with --requeue?)"
     return 0
 }

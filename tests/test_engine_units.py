@@ -10,7 +10,7 @@ from tiny_models import counted_flops
 
 from scale_hyper import runs
 from scale_hyper.config import ConfigError, load_config
-from scale_hyper.engine import checkpointer, ds_config
+from scale_hyper.engine import ds_config, resume
 from scale_hyper.engine.distributed import map_launcher_env
 from scale_hyper.models.flops import train_flops_per_token
 
@@ -128,18 +128,18 @@ def test_interrupted_save_is_never_resumed(tmp_path):
     root = tmp_path / "checkpoints"
     good = _fake_ckpt(root, "step_100", 100, 2)
     _fake_ckpt(root, "step_200", 200, 2, complete=False)  # crashed mid-save: no marker
-    assert checkpointer.resolve_resume("auto", str(tmp_path), 2) == good
+    assert resume.resolve_resume("auto", str(tmp_path), 2) == good
 
 
 def test_universal_copy_is_chosen_only_for_another_world_size(tmp_path):
     root = tmp_path / "checkpoints"
     plain = _fake_ckpt(root, "step_4", 4, 2)
     uni = _fake_ckpt(root, "step_4_universal", 4, 2, universal=True)
-    assert checkpointer.resolve_resume("auto", str(tmp_path), 2) == plain
-    assert checkpointer.resolve_resume("auto", str(tmp_path), 1) == uni
-    with pytest.raises(checkpointer.ResumeError, match="scale-hyper checkpoint universal"):
-        checkpointer.check_world_size(plain, 1)
-    assert checkpointer.resolve_resume("none", str(tmp_path), 2) is None
+    assert resume.resolve_resume("auto", str(tmp_path), 2) == plain
+    assert resume.resolve_resume("auto", str(tmp_path), 1) == uni
+    with pytest.raises(resume.ResumeError, match="scale-hyper checkpoint universal"):
+        resume.check_world_size(plain, 1)
+    assert resume.resolve_resume("none", str(tmp_path), 2) is None
 
 
 @pytest.mark.parametrize(
@@ -169,10 +169,10 @@ def test_resume_recipe_must_match_the_checkpoint(tmp_path, saved, now, world_now
     run = load_config(now)
     global_now = ds_config.batch_arithmetic(run, world_now)[2]
     if message is None:
-        checkpointer.check_recipe(ckpt, run, global_now)
+        resume.check_recipe(ckpt, run, global_now)
         return
-    with pytest.raises(checkpointer.ResumeError, match=message):
-        checkpointer.check_recipe(ckpt, run, global_now)
+    with pytest.raises(resume.ResumeError, match=message):
+        resume.check_recipe(ckpt, run, global_now)
 
 
 def test_reentrant_checkpointing_is_refused_with_reason():

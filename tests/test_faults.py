@@ -1,7 +1,8 @@
 """Faults a cluster job meets, through the CLI with real processes and real files: SIGTERM to a whole
 process group, a full disk at checkpoint time (a real size-limited tmpfs), one rank's save failing,
 kill -9 inside a save (a test-only pause hook gives a deterministic kill point), a second signal
-during a save, and bad input. Each interrupted run is resumed and must end with the same losses and
+during a save, a rank stopped with SIGSTOP (of 4 ranks under SLURM: tests/test_slurm.py), a full disk
+during prepare, and bad input. Each interrupted run is resumed and must end with the same losses and
 the same weights as an uninterrupted run (bit-exact on CPU).
 
 Mounting a tmpfs needs root: outside CI those cases skip with the reason; under CI=true a skip here is
@@ -196,6 +197,56 @@ def test_kill_9_inside_a_save_leaves_the_previous_checkpoint_and_resumes_exactly
     resume_and_compare(wd, out, 2, reference)
 
 
+# --- a stopped rank (SIGSTOP: a hung GPU, a stalled NFS read, a swapped-out node, from outside) --------
+
+HANG_MINUTES = 0.15  # 9 s: beats every 0.75 s, grace 3.75 s, collectives wait 16.5 s (heartbeat.Timings)
+
+
+def stop_and_time(procs: list, victim: int) -> tuple:
+    """SIGSTOP one rank; wait for every other rank to exit; the seconds that took and their output.
+    The stopped rank is then SIGKILLed, as the launcher (srun --kill-on-bad-exit) would."""
+    from scale_hyper.engine.heartbeat import Timings
+
+    t = Timings.of(HANG_MINUTES)
+    os.kill(procs[victim].pid, signal.SIGSTOP)
+    stopped, live = time.monotonic(), [p for i, p in enumerate(procs) if i != victim]
+    try:
+        for p in live:
+            p.wait(timeout=t.timeout_s + t.grace_s + 60)
+        took = time.monotonic() - stopped
+    finally:
+        procs[victim].kill()
+    return took, t, finish(live)
+
+
+def named(text: str, victim: int) -> str:
+    lines = [x for x in text.splitlines() if f"no heartbeat from rank {victim}" in x]
+    assert len(lines) == 1, text[-3000:]
+    assert "newest checkpoint:" in lines[0] and "exit 5" in lines[0] and "train.resume=auto" in lines[0]
+    return lines[0]
+
+
+def test_a_stopped_rank_0_is_named_within_the_timeout_a_slow_save_is_not_and_the_run_resumes_exactly(wd, reference):
+    """Rank 0 hosts the rendezvous store, so stopping it also stops the store: rank 1 names it from its
+    own clock. Before that, rank 0 spends longer than the timeout in a save (the pause hook) and is
+    not named: its heartbeats come from a thread. Before the fix: nothing for 30 minutes."""
+    out, pause = wd / "hung-rank0", wd / "pause-hung"
+    pause.mkdir()
+    env = {"SCALE_HYPER_TEST_PAUSE_IN_SAVE": "4", "SCALE_HYPER_TEST_PAUSE_RANKS": "0",
+           "SCALE_HYPER_TEST_PAUSE_DIR": str(pause), "SCALE_HYPER_TEST_STEP_SECONDS": "1"}  # fmt: skip
+    procs = start(wd, out, 2, env, f"train.dist_timeout_minutes={HANG_MINUTES}")
+    wait_for(procs, pause / "PAUSED_rank0")
+    time.sleep(60 * HANG_MINUTES + 2)  # a save slower than the timeout: slow, not silent
+    (pause / "CONTINUE").write_text("")
+    wait_for(procs, lambda: logged_steps(out) >= 5)
+    took, t, [(rc, text)] = stop_and_time(procs, victim=0)
+    assert rc == 5, text[-3000:]
+    line = named(text, 0)
+    assert line.startswith("scale-hyper: rank 1:") and "hosts the rendezvous store" in line and "step_4" in line
+    assert t.timeout_s <= took <= t.timeout_s + t.grace_s + 3, (took, t)  # + 3 s: a loaded 2-core machine
+    resume_and_compare(wd, out, 2, reference)
+
+
 # --- storage -----------------------------------------------------------------------------------------
 
 
@@ -253,6 +304,30 @@ def test_only_one_ranks_save_failing_stops_both_without_a_hang(wd, reference):
     assert "rank 1: [Errno 28]" in results[1][1] and "another rank" in results[0][1]
     assert not list((out / "checkpoints").glob("step_*"))  # the first save failed: nothing to resume
     resume_and_compare(wd, out, 2, reference, resumes=False)
+
+
+PREPARE = [*COMMON[:4], "data.slice_documents=50", "data.prepare_workers=2"]  # 8 slices, a pool of 2 workers
+
+
+def test_prepare_on_a_full_disk_is_one_line_and_the_same_command_resumes_to_identical_shards(wd, small_disk, tmp_path):
+    """Before: a 30-line traceback from the worker pool ending in ENOSPC."""
+    ref = tmp_path / "uninterrupted"
+    assert cli(wd, "prepare", *PREPARE, f"data.output={ref}").returncode == 0
+    files = {p.relative_to(ref): p.read_bytes() for p in sorted(ref.rglob("*")) if p.is_file()}
+    disk = small_disk(sum(map(len, files.values())) // 2)
+    out = disk / "shards"
+    full = cli(wd, "prepare", *PREPARE, f"data.output={out}")
+    one_line_error(full, f"data.output={out}", "free there", "slice(s) of this task still to do need ~", "resumes")
+    assert not (out / "manifest.json").exists() and not list(out.rglob("*.tmp*"))
+    done = sorted((out / "slices").glob("0*.json"))
+    assert 0 < len(done) < 8, done  # some slices finished, not all
+    for partial in done:  # a partial manifest (what "complete" means) only where all its shards are whole
+        for split in json.loads(partial.read_text())["splits"].values():
+            assert all((out / s["name"]).read_bytes() == files[Path(s["name"])] for s in split["shards"])
+    subprocess.run(["mount", "-o", "remount,size=20m", str(disk)], check=True)  # the user frees space
+    again = cli(wd, "prepare", *PREPARE, f"data.output={out}")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert {p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()} == files
 
 
 # --- bad input, one shape ---------------------------------------------------------------------------

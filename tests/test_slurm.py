@@ -9,6 +9,8 @@ tasks, the test partition) and `--export=ALL,VAR=...` overrides their edit block
   run whose loss went down.
 * multi-node-launcher.sbatch: one deepspeed launcher per node on two nodes; every rank reports the
   right RANK/LOCAL_RANK/WORLD_SIZE/MASTER_ADDR and training finishes.
+* multi-node-srun.sbatch + a hung rank: SIGSTOP of rank 2 of 4 -> named by every live rank, exit 5 ->
+  requeued (a newer checkpoint exists) -> resumes and finishes.
 * multi-node-srun.sbatch + preemption: SIGUSR1 to the batch shell (what `--signal=B:USR1@120` sends
   before the time limit) -> checkpoint -> `scontrol requeue` -> the job resumes from that step and
   finishes; MLflow holds every step exactly once.
@@ -22,6 +24,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -405,3 +408,53 @@ def test_sigterm_to_a_running_srun_jobs_process_group_checkpoints_stops_and_a_re
     text = again.text()
     assert re.search(rf"resumed from \S+step_{k} at step {k}\b", text), text[-8000:]
     assert re.search(rf"steps\s+{steps}\b", text) and text.count("training finished") == 1
+
+
+def rank_pid(job_id: str, rank: int) -> int:
+    """The pid of a running job's training rank on this host (its loader workers share its environment:
+    the rank is the one whose parent is not one of them)."""
+    want = [f"SLURM_JOB_ID={job_id}".encode(), f"SLURM_PROCID={rank}".encode()]
+    found = {}
+    for pid in run(["pgrep", "-f", "scale.hyper train"]).stdout.split():
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            ppid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except OSError:
+            continue
+        if all(w in environ for w in want):
+            found[int(pid)] = ppid
+    ranks = [pid for pid, ppid in found.items() if ppid not in found]
+    assert len(ranks) == 1, f"rank {rank} of job {job_id}: {found}"
+    return ranks[0]
+
+
+@pytest.mark.slow
+@pytest.mark.slurm
+def test_a_stopped_rank_of_4_is_named_by_every_live_rank_and_the_job_requeues_and_finishes(submit, shards, tmp_path):
+    """SIGSTOP of rank 2 of 4 (2 nodes x 2 tasks; what a hung GPU or a swapped-out node looks like):
+    rank 0 decides from the heartbeats, ranks 1 and 3 print its verdict too, all exit 5, srun ends the
+    step, and the template requeues (a newer checkpoint exists), so the job resumes and finishes."""
+    from scale_hyper.engine.heartbeat import Timings
+
+    minutes, steps = 0.15, 8
+    job = submit(
+        "multi-node-srun.sbatch", "hung", ["--nodes=2", "--ntasks-per-node=2", "--cpus-per-task=1"],
+        job_env(tmp_path, shards, "hung", PREFLIGHT="0", DIST_TIMEOUT_MINUTES=str(minutes),
+                SCALE_HYPER_TEST_STEP_SECONDS="0.5"),
+        [*TRAIN, f"train.max_steps={steps}", "train.save_every=4"],
+    )  # fmt: skip
+    job.wait_for(r"checkpoint saved: \S+step_4", timeout=300)
+    victim = rank_pid(job.id, 2)
+    os.kill(victim, signal.SIGSTOP)
+    stopped, t = time.monotonic(), Timings.of(minutes)
+    job.wait_for(r"training step exited with status 5", timeout=t.timeout_s + t.grace_s + 60)
+    took = time.monotonic() - stopped
+    info = job.wait(300, restarts=1)
+    text = job.text()
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", text[-8000:]
+    for rank in (0, 1, 3):
+        assert re.search(rf"scale-hyper: rank {rank}: no heartbeat from rank 2 for \d+ s .* newest checkpoint: "
+                         rf"\S+step_4 .*exit 5", text), text[-8000:]  # fmt: skip
+    assert took <= t.timeout_s + t.grace_s + 10, took  # + 10 s: srun ending the step, the log's polling
+    assert "a rank hung (status 5) after saving the checkpoint of step 4" in text and "requeueing job" in text
+    assert re.search(r"resumed from \S+step_4 at step 4\b", text) and text.count("training finished") == 1

@@ -164,11 +164,23 @@ class TrainConfig(ConfigGroup):
         ge=1,
     )
     keep_checkpoints: int = option(2, "keep the newest N checkpoints; 0 = all", ge=0)
+    verify_checkpoint: str = option(
+        "full",
+        "check a checkpoint against its manifest before loading it: full = file sizes and xxh3 checksums, "
+        "sizes = file sizes only, off = no check (a damaged newest checkpoint then fails inside DeepSpeed)",
+        choices=("full", "sizes", "off"),
+    )
     log_every: int = option(10, "log metrics every N steps", ge=1)
     eval_every: int = option(100, "validation MLM loss every N steps", ge=1)
     eval_batches: int = option(16, "validation batches per evaluation; 0 = all", ge=0)
     export: bool = option(True, "write a Hugging Face directory at the end")
-    dist_timeout_minutes: float = option(10.0, "a dead or hung rank stops the others after this long", gt=0)
+    dist_timeout_minutes: float = option(
+        10.0,
+        "minutes (fractions allowed) a rank may send no heartbeat before every live rank names it and exits 5; "
+        "collectives wait this plus 2 x 5 heartbeat intervals (docs/engine.md, Hung ranks)",
+        ge=0.1,
+        le=1440,
+    )
     device: str = option("auto", "auto = cuda when visible, else cpu", choices=("auto", "cpu", "cuda"))
 
     def validate(self, group: str = "") -> TrainConfig:

@@ -39,8 +39,9 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 from scale_hyper.data import merge as mergelib
 from scale_hyper.data import shards as shardlib
 from scale_hyper.data import slices as slicelib
-from scale_hyper.data import sources, storage
+from scale_hyper.data import sources, space, storage
 from scale_hyper.data.slices import PrepareError
+from scale_hyper.data.space import OutOfSpace
 
 log = logging.getLogger("scale_hyper.data")
 
@@ -179,15 +180,19 @@ def prepare(data_cfg, seed: int = 1234, task: int = 0, tasks: int = 1) -> Dict[s
     """
     _validate(data_cfg)
     storage.check_pipe(data_cfg.output, data_cfg.allow_pipe)
-    plan = get_plan(data_cfg, seed, create=task == 0)
-    run_task(data_cfg, plan, task, tasks)
-    missing = mergelib.missing_slices(data_cfg, plan)
-    if missing and tasks > 1:
-        log.info(
-            "task %d/%d done; %d slice(s) of other tasks still missing: the last task merges", task, tasks, len(missing)
-        )
-        return {}
-    return mergelib.merge(data_cfg, plan)
+    with space.full_disk_is_one_line(data_cfg):
+        plan = get_plan(data_cfg, seed, create=task == 0)
+        run_task(data_cfg, plan, task, tasks)
+        missing = mergelib.missing_slices(data_cfg, plan)
+        if missing and tasks > 1:
+            log.info(
+                "task %d/%d done; %d slice(s) of other tasks still missing: the last task merges",
+                task,
+                tasks,
+                len(missing),
+            )
+            return {}
+        return mergelib.merge(data_cfg, plan)
 
 
 def merge_only(data_cfg, seed: int = 1234) -> Dict[str, Any]:
@@ -218,11 +223,14 @@ def run_task(data_cfg, plan: Dict[str, Any], task: int, tasks: int) -> int:
     log.info("task %d/%d: %d slice(s) to do of %d", task, tasks, len(todo), len(plan["slices"]))
     workers = min(max(1, int(data_cfg.prepare_workers)), len(todo))
     start, done, tokens = time.monotonic(), 0, 0
-    for slice_id, n_tokens in _map_slices(data_cfg, plan, todo, workers):
-        done += 1
-        tokens += n_tokens
-        rate = tokens / max(time.monotonic() - start, 1e-9)
-        log.info("slice %d done (%d/%d of this task; %.0fk tokens/s)", slice_id, done, len(todo), rate / 1e3)
+    try:
+        for slice_id, n_tokens in _map_slices(data_cfg, plan, todo, workers):
+            done += 1
+            tokens += n_tokens
+            rate = tokens / max(time.monotonic() - start, 1e-9)
+            log.info("slice %d done (%d/%d of this task; %.0fk tokens/s)", slice_id, done, len(todo), rate / 1e3)
+    except OutOfSpace as full:
+        raise space.no_space(data_cfg, full.reason, space.remaining_need(data_cfg, plan, todo, full)) from None
     return done
 
 
@@ -326,11 +334,13 @@ def main(cfg, task: Optional[int] = None, tasks: Optional[int] = None, step: str
     try:
         if step == "plan":
             _validate(data)
-            plan = get_plan(data, seed, create=True)
+            with space.full_disk_is_one_line(data):
+                plan = get_plan(data, seed, create=True)
             print(f"planned {len(plan['slices'])} slices in {storage.join(data.output, slicelib.PLAN)}")
             return 0
         if step == "merge":
-            manifest = merge_only(data, seed)
+            with space.full_disk_is_one_line(data):
+                manifest = merge_only(data, seed)
         elif n == 1 or shardlib.load_manifest(data.output, data.allow_pipe) is not None:
             manifest = ensure_prepared(data, seed=seed)
         else:

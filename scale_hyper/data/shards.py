@@ -127,6 +127,17 @@ def write_shard(
     }
 
 
+def shard_file_bytes(sequences: int, seq_len: int, dtype: str, sequences_per_block: int) -> int:
+    """The size of the tar ``write_shard`` makes of ``sequences`` rows: per .npy member a 512-byte
+    header and its data rounded up to 512, two zero blocks at the end, all rounded up to tar's
+    10 KiB record. (The full-disk message's estimate, before anything is written.)"""
+    total = 0
+    for start in range(0, sequences, sequences_per_block):
+        rows = min(sequences_per_block, sequences - start)
+        total += 512 + -(-len(npy_bytes(np.zeros((rows, seq_len), dtype=dtype))) // 512) * 512
+    return -(-(total + 1024) // 10240) * 10240
+
+
 def even_sizes(total: int, parts: int) -> List[int]:
     """``total`` split into ``parts`` sizes that differ by at most one (larger first)."""
     base, extra = divmod(total, parts)

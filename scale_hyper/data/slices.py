@@ -32,6 +32,7 @@ import numpy as np
 from scale_hyper.data import shards as shardlib
 from scale_hyper.data import sources, storage
 from scale_hyper.data import tokenizer as toklib
+from scale_hyper.data.space import OutOfSpace, is_out_of_space
 
 log = logging.getLogger("scale_hyper.data")
 
@@ -150,21 +151,36 @@ def run_slice(data_cfg, plan: Dict[str, Any], tok, slice_id: int, docs: Optional
         index += len(lengths)
         for split, arrays in batch.items():
             packers[split].add(arrays)
-    splits = {}
+    rows = {}
     for split, packer in packers.items():
         packer.finish()
-        rows = np.frombuffer(bufs[split].getbuffer(), dtype=dtype).reshape(-1, seq_len)
-        splits[split] = _write_split(data_cfg, plan, rows, split, slice_id, special["pad"])
-    partial = {
-        "slice": slice_id,
-        "plan": plan_sha(plan),
-        "tokenizer": plan["tokenizer"]["sha256"],
-        "config": plan["config"],
-        "documents": {k: p.documents for k, p in packers.items()},
-        "splits": splits,
-    }
-    storage.write_bytes(storage.join(data_cfg.output, partial_name(slice_id)), canonical(partial), data_cfg.allow_pipe)
+        rows[split] = np.frombuffer(bufs[split].getbuffer(), dtype=dtype).reshape(-1, seq_len)
+    try:  # every file appears whole or not at all (storage.open_write), the partial last
+        splits = {k: _write_split(data_cfg, plan, r, k, slice_id, special["pad"]) for k, r in rows.items()}
+        partial = {
+            "slice": slice_id,
+            "plan": plan_sha(plan),
+            "tokenizer": plan["tokenizer"]["sha256"],
+            "config": plan["config"],
+            "documents": {k: p.documents for k, p in packers.items()},
+            "splits": splits,
+        }
+        url = storage.join(data_cfg.output, partial_name(slice_id))
+        storage.write_bytes(url, canonical(partial), data_cfg.allow_pipe)
+    except OSError as err:
+        if is_out_of_space(err):
+            raise OutOfSpace(slice_id, _shard_bytes(data_cfg, plan, rows), err.strerror or str(err)) from None
+        raise
     return partial
+
+
+def _shard_bytes(data_cfg, plan, rows: Dict[str, np.ndarray]) -> int:
+    """What a slice's shards take on disk, computed before they are written."""
+    return sum(
+        shardlib.shard_file_bytes(size, data_cfg.seq_len, plan["dtype"], data_cfg.sequences_per_block)
+        for split, r in rows.items()
+        for size in _shard_sizes(data_cfg, plan, len(r), split)
+    )
 
 
 def _val_phase(seed: int, slice_id: int) -> float:
@@ -184,17 +200,24 @@ def _chunks(docs):
         yield chunk
 
 
+def _shard_sizes(data_cfg, plan, n: int, split: str) -> List[int]:
+    if n == 0:
+        return []
+    n_shards = math.ceil(n / data_cfg.sequences_per_shard)
+    if split == "train":  # a small corpus still gives about min_shards shards in all
+        n_shards = max(n_shards, min(math.ceil(data_cfg.min_shards / len(plan["slices"])), n))
+    return shardlib.even_sizes(n, n_shards)
+
+
 def _write_split(data_cfg, plan, rows: np.ndarray, split: str, slice_id: int, pad_id: int) -> Dict[str, Any]:
     n = len(rows)
     if n == 0:
         return {"sequences": 0, "tokens": 0, "shards": []}
-    n_shards = math.ceil(n / data_cfg.sequences_per_shard)
-    if split == "train":  # a small corpus still gives about min_shards shards in all
-        n_shards = max(n_shards, min(math.ceil(data_cfg.min_shards / len(plan["slices"])), n))
+    if split == "train":
         order = np.random.default_rng([plan["seed"] & 0xFFFFFFFF, 0x5AD, slice_id]).permutation(n)
         rows = rows[order]
     entries, start = [], 0
-    for index, size in enumerate(shardlib.even_sizes(n, n_shards)):
+    for index, size in enumerate(_shard_sizes(data_cfg, plan, n, split)):
         url = storage.join(data_cfg.output, shardlib.shard_name(split, index, slice_id))
         part = rows[start : start + size]
         start += size

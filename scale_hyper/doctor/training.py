@@ -24,6 +24,7 @@ import torch
 from scale_hyper import runs
 from scale_hyper.config import RunConfig
 from scale_hyper.doctor.results import FAIL, PASS, SKIPPED, Result
+from scale_hyper.runs import manifest
 from scale_hyper.runs.disk import human_bytes
 
 STEADY_FROM = 2  # optimizer steps done before residency is measured (probe.py says why)
@@ -197,9 +198,14 @@ def check_resume(run: RunConfig, per_rank: List[Dict[str, Any]], steps: int, dev
             problems.append("the data cursors at the end differ from the uninterrupted run's")
     except OSError as err:
         problems.append(f"a final checkpoint is missing: {err}")
+    for ckpt in (runs.RunDir(doctor_dir(run) / "a").step(half), end_a, end_b):  # what this storage kept
+        verdict = manifest.verify(ckpt, "full")
+        if verdict.status != manifest.INTACT and ckpt.is_dir():
+            problems.append(f"checkpoint {ckpt} does not match its manifest ({verdict.status}: {verdict.what()}): "
+                            "the storage under train.output_dir did not keep what was written")  # fmt: skip
     figure = "equal" if worst == 0 else f"max rel diff {worst:.1e}"
-    detail = (f"saved at step {half}, resumed into a new run directory and trained to step {steps}: losses of steps "
-              f"{half + 1}–{steps} and the data cursors at the end against the uninterrupted run "
+    detail = (f"saved at step {half}, verified against its manifest, resumed into a new run directory and trained to "
+              f"step {steps}: losses of steps {half + 1}–{steps} and the data cursors at the end against the uninterrupted run "
               f"({'bit-exact on CPU' if tol == 0 else f'relative tolerance {tol:g} on GPU'})")  # fmt: skip
     if problems:
         return Result("resume", FAIL, figure, "; ".join(problems) + ". " + detail, {"a": a, "b": b})

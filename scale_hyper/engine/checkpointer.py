@@ -1,9 +1,12 @@
 """Checkpoints: DeepSpeed's sharded state plus the TrainState, written crash-safely.
 
-Every rank writes its DeepSpeed shards and ``rank_R.pt`` (RNG states); after a barrier rank 0 writes
-the marker (``trainer_state.json``: TrainState, world size, every rank's data cursor, MLflow run id,
-the resolved config) atomically, then prunes older checkpoints. The directory layout is
-``scale_hyper.runs``'; a directory without the marker is an interrupted save and is never read.
+Every rank writes its DeepSpeed shards and ``rank_R.pt`` (RNG states), hashing each file right after
+it is written; after a barrier rank 0 writes the manifest (every file's size and checksum,
+``scale_hyper.runs.manifest``) and then the marker (``trainer_state.json``: TrainState, world size,
+every rank's data cursor, MLflow run id, the resolved config, the manifest's checksum) atomically,
+then prunes older checkpoints. The directory layout is ``scale_hyper.runs``'; a directory without the
+marker is an interrupted save and is never read. Which checkpoint a run resumes from, and whether it
+verifies, is ``engine/resume.py``'s.
 
 Resuming at another world size needs DeepSpeed's universal format:
 ``scale-hyper checkpoint universal CKPT`` writes ``step_N_universal/`` beside it, and
@@ -12,88 +15,25 @@ Resuming at another world size needs DeepSpeed's universal format:
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterator, List, Optional
 
 import torch
 import torch.distributed as dist
 
 from scale_hyper import runs
 from scale_hyper.config import RunConfig, to_yaml
-from scale_hyper.config.batch import global_batch as effective_global_batch
 from scale_hyper.engine import disk
 from scale_hyper.engine.progress import log
+from scale_hyper.engine.resume import ResumeError
 from scale_hyper.engine.state import TrainState
-
-
-class ResumeError(RuntimeError):
-    """A checkpoint that cannot be resumed as asked; the message names the fix."""
-
-    user_error = True
-
-
-def resolve_resume(resume: str, output_dir: str, world_size: int) -> Optional[Path]:
-    """Which checkpoint ``train.resume`` means for this world size (None: start fresh)."""
-    if resume == "none":
-        return None
-    if resume == "auto":
-        candidates = runs.RunDir(output_dir).complete_checkpoints()
-        if not candidates:
-            return None
-        newest_step = runs.read_state(candidates[-1])["step"]
-        at_newest = [c for c in candidates if runs.read_state(c)["step"] == newest_step]
-        same_world = [c for c in at_newest if not runs.is_universal(c)]
-        if same_world and runs.read_state(same_world[0])["world_size"] == world_size:
-            return same_world[0]
-        universal = [c for c in at_newest if runs.is_universal(c)]
-        return universal[0] if universal else at_newest[0]
-    path = Path(resume)
-    if path.is_dir() and not runs.is_checkpoint(path):  # a run's output_dir
-        return resolve_resume("auto", str(path), world_size)
-    if not runs.is_checkpoint(path):
-        raise ResumeError(f"train.resume={resume}: no finished checkpoint there (no {runs.MARKER})")
-    return path
-
-
-def check_world_size(ckpt: Path, world_size: int) -> Dict[str, Any]:
-    state = runs.read_state(ckpt)
-    if state["world_size"] != world_size and not state.get("universal"):
-        raise ResumeError(
-            f"checkpoint {ckpt} was saved by {state['world_size']} ranks but this run has {world_size} — "
-            f"DeepSpeed's sharded state only loads at the same world size; convert it first with "
-            f"`scale-hyper checkpoint universal {ckpt}`, then resume again (train.resume=auto picks the universal copy)"
-        )
-    return state
-
-
-def check_recipe(ckpt: Path, run: RunConfig, global_batch: int) -> None:
-    """A resume continues the checkpoint's experiment: the global batch (sequences per optimizer step) and
-    seq_len must be the checkpoint's; world size and micro batch may change. Raises before any work."""
-    state = runs.read_state(ckpt)
-    if "config_yaml" not in state:
-        return
-    saved = runs.run_config_of(ckpt)
-    saved_global = effective_global_batch(
-        saved.train.global_batch_size, saved.train.micro_batch_size, int(state["world_size"])
-    )
-    where = f"checkpoint {ckpt}"
-    if saved_global != global_batch:
-        raise ResumeError(
-            f"{where} trained with train.global_batch_size={saved_global} sequences per step, this run has "
-            f"{global_batch} — set train.global_batch_size={saved_global} to continue it (the micro batch and "
-            f"world size may change), or start a new run (another train.output_dir, or train.resume=none)"
-        )
-    if saved.data.seq_len != run.data.seq_len:
-        raise ResumeError(
-            f"{where} trained with data.seq_len={saved.data.seq_len}, this run has {run.data.seq_len} — set "
-            f"data.seq_len={saved.data.seq_len} to continue it, or start a new run (another train.output_dir, "
-            f"or train.resume=none)"
-        )
+from scale_hyper.runs import manifest
 
 
 class OtherRankFailed(RuntimeError):
@@ -113,6 +53,7 @@ class Checkpointer:
         self.run, self.engine, self.loader, self.info, self.tracker = run, engine, loader, info, tracker
         self.run_dir = runs.RunDir(run.train.output_dir)
         self.last_saved = -1
+        self.written: Dict[str, Dict[str, Any]] = {}  # this rank's files of the current save: size, checksum
         self.params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in engine.module.parameters())
         self.precision = "bf16" if engine.bfloat16_enabled() else "fp16" if engine.fp16_enabled() else "fp32"
 
@@ -152,17 +93,23 @@ class Checkpointer:
             error = err
         if self._agree(error is not None):  # nothing written yet: all ranks stop here together
             return error or OtherRankFailed("another rank could not start the save")
+        hasher = manifest.Hasher(ckpt)
         try:
             _inject_save_failure(self.engine, rank)
-            self.engine.save_checkpoint(str(self.run_dir.checkpoints), tag=ckpt.name)
+            with _hashing_writes(self.engine, hasher):
+                self.engine.save_checkpoint(str(self.run_dir.checkpoints), tag=ckpt.name)
         except (OSError, RuntimeError) as err:
             error = err
             dist.barrier()  # the one DeepSpeed's save ends with, which the other ranks are waiting in
         if error is None:
             try:
                 torch.save(_rng_state(), ckpt / f"rank_{rank}.pt")
+                hasher.add(ckpt / f"rank_{rank}.pt")
+                self.written = hasher.entries()
             except (OSError, RuntimeError) as err:
                 error = err
+        else:
+            hasher.close()
         if self._agree(error is not None):
             return error or OtherRankFailed("another rank's part of the save failed")
         return None
@@ -195,16 +142,18 @@ class Checkpointer:
         if error is not None:
             raise self._fail(ckpt, error)
         _pause_before_marker(rank, state.step)
-        dist.barrier()
+        written: List[Any] = [None] * self.info.world_size
+        dist.all_gather_object(written, self.written)  # also the barrier: every rank's files are complete
         if rank == 0:
-            runs.write_state(ckpt, {
+            checksum = manifest.write(ckpt, written, state.step, self.info.world_size)
+            runs.write_state(ckpt, manifest.seal({
                 **state.to_dict(),
                 "world_size": self.info.world_size,
                 "data_cursors": cursors,
                 "mlflow_run_id": self.tracker.run_id,
                 "config_yaml": to_yaml(self.run),
                 "data_output": self.run.data.output,
-            })  # fmt: skip
+            }, checksum))  # fmt: skip
             self._prune()
         dist.barrier()
         self.last_saved = state.step
@@ -231,8 +180,31 @@ class Checkpointer:
         if keep <= 0:
             return
         plain = [c for c in self.run_dir.complete_checkpoints() if not runs.is_universal(c)]
-        for old in plain[:-keep]:
+        for old in manifest.prunable(plain, keep):  # spares the newest intact one while newer ones are damaged
             shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _hashing_writes(engine: Any, hasher: manifest.Hasher) -> Iterator[None]:
+    """Each file DeepSpeed's checkpoint engine writes is handed to ``hasher`` as soon as ``save`` returns
+    (with the default torch engine the file is then closed), so hashing it overlaps with writing the
+    next. Other engines may still be writing when ``save`` returns: their files are hashed by rank 0
+    with the manifest instead."""
+    writer: Any = getattr(engine, "checkpoint_engine", None)
+    if type(writer).__name__ != "TorchCheckpointEngine":
+        yield
+        return
+    save = writer.save
+
+    def save_and_hash(state_dict: Any, path: str) -> None:
+        save(state_dict, path)
+        hasher.add(path)
+
+    writer.save = save_and_hash
+    try:
+        yield
+    finally:
+        del writer.save  # the class's method again
 
 
 # --- test hooks (environment variables; unset in real runs) -----------------------------------------
@@ -300,17 +272,18 @@ def to_universal(ckpt: Path, out: Optional[Path] = None) -> Path:
         raise ResumeError(f"ds_to_universal failed for {ckpt}:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
     state = runs.read_state(ckpt)
     state.update(universal=True, source=str(ckpt))
-    runs.write_state(out, state)
+    checksum = manifest.write(out, [], int(state["step"]), int(state["world_size"]))  # one process wrote all
+    runs.write_state(out, manifest.seal(state, checksum))
     return out
 
 
 def main(action: str, checkpoint: str, out: Optional[str]) -> int:
-    """`scale-hyper checkpoint universal CKPT [--out DIR]`."""
+    """`scale-hyper checkpoint universal CKPT [--out DIR]` (CKPT verified first: a damaged one is refused)."""
     if action != "universal":
         raise ValueError(action)
     try:
-        result = to_universal(runs.find_checkpoint(checkpoint), Path(out) if out else None)
-    except (ResumeError, runs.NoCheckpointError) as err:
+        result = to_universal(manifest.find_intact(checkpoint), Path(out) if out else None)
+    except (ResumeError, runs.NoCheckpointError, manifest.DamagedCheckpointError) as err:
         print(f"scale-hyper: error: {err}", file=sys.stderr)
         return 2
     print(f"universal checkpoint written to {result}; resume with train.resume=auto (or train.resume={result})")

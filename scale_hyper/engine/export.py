@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Sequence
 
 from scale_hyper import runs
+from scale_hyper.runs import manifest
 
 
 def export_checkpoint(ckpt: Path, out: Path) -> Path:
@@ -28,14 +29,18 @@ def export_checkpoint(ckpt: Path, out: Path) -> Path:
 
 
 def main(source: str, out: str, configs: Sequence[str] = ()) -> int:
-    """SOURCE: a checkpoint, DeepSpeed's save directory (RUN/checkpoints) or a run directory."""
+    """SOURCE: a checkpoint, DeepSpeed's save directory (RUN/checkpoints) or a run directory; verified
+    against its manifest first (``train.verify_checkpoint=`` among ``configs``; a run directory gives its
+    newest checkpoint that verifies)."""
     try:
-        ckpt = runs.find_checkpoint(source)
-    except runs.NoCheckpointError as err:
+        ckpt = manifest.find_intact(source, manifest.mode_from_args(configs))
+    except (runs.NoCheckpointError, manifest.DamagedCheckpointError) as err:
         print(f"scale-hyper: error: {err}", file=sys.stderr)
         return 2
-    if configs:
-        print("scale-hyper: export takes the config stored in the checkpoint; extra arguments ignored", file=sys.stderr)
+    ignored = [c for c in configs if not c.startswith("train.verify_checkpoint=")]
+    if ignored:
+        print("scale-hyper: export takes the config stored in the checkpoint; extra arguments ignored "
+              "(train.verify_checkpoint excepted)", file=sys.stderr)  # fmt: skip
     path = export_checkpoint(ckpt, Path(out))
     print(f"exported {ckpt} -> {path}")
     return 0

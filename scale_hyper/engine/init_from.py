@@ -27,9 +27,10 @@ from scale_hyper.config.model import ModelConfig
 FREE_FIELDS = ("dropout", "initializer_range", "hyla_chunk", "mixer_kernel")
 
 
-def _source(path: str) -> runs.ModelSource:
+def _source(path: str, verify: str) -> runs.ModelSource:
+    """SRC, a checkpoint verified against its manifest (``train.verify_checkpoint``; once per process)."""
     try:
-        return runs.resolve(path)
+        return runs.resolve(path, verify)
     except FileNotFoundError as err:
         raise FileNotFoundError(f"train.init_from={path!r}: {err}") from None
 
@@ -39,7 +40,7 @@ def adopt_geometry(run: RunConfig) -> List[str]:
     if not run.train.init_from:
         return []
     try:
-        theirs = runs.source_geometry(_source(run.train.init_from))
+        theirs = runs.source_geometry(_source(run.train.init_from, run.train.verify_checkpoint))
     except ValueError as err:
         raise ValueError(f"train.init_from={run.train.init_from!r}: {err}") from None
     changes = []
@@ -59,7 +60,7 @@ def check_tokenizer(run: RunConfig, manifest: Dict) -> None:
     from scale_hyper.data import load_tokenizer
 
     assert run.train.init_from is not None
-    source = _source(run.train.init_from)
+    source = _source(run.train.init_from, run.train.verify_checkpoint)
     try:
         theirs = runs.load_tokenizer_for(source).get_vocab()
     except (OSError, ValueError):
@@ -76,9 +77,9 @@ def check_tokenizer(run: RunConfig, manifest: Dict) -> None:
         )
 
 
-def load_weights(model: torch.nn.Module, path: str) -> Optional[str]:
+def load_weights(model: torch.nn.Module, path: str, verify: str = "full") -> Optional[str]:
     """Copy SRC's weights into ``model`` (strict, so a geometry mismatch names the tensors)."""
-    source = _source(path)
+    source = _source(path, verify)
     if source.kind == "checkpoint":
         state = runs.consolidated_state_dict(source.path)
     else:

@@ -16,15 +16,15 @@ import torch.distributed as dist
 
 from scale_hyper import runs
 from scale_hyper.config import RunConfig, to_yaml
-from scale_hyper.engine import ds_config, init_from
-from scale_hyper.engine.checkpointer import Checkpointer, check_recipe, check_world_size, resolve_resume
-from scale_hyper.engine.distributed import DistInfo
+from scale_hyper.engine import ds_config, init_from, resume
+from scale_hyper.engine.checkpointer import Checkpointer
+from scale_hyper.engine.distributed import DistInfo, all_groups_wait
 from scale_hyper.engine.evaluator import Evaluator
 from scale_hyper.engine.progress import log
 from scale_hyper.engine.reporter import Reporter
 from scale_hyper.engine.residency import keep_resident
 from scale_hyper.engine.state import TrainState
-from scale_hyper.engine.watchdog import Heartbeat, guard_plain_optimizer
+from scale_hyper.engine.watchdog import guard_plain_optimizer
 from scale_hyper.models.flops import peak_flops, train_flops_per_token
 
 
@@ -41,7 +41,6 @@ class Trainer:
     evaluator: Evaluator
     reporter: Reporter
     tracker: Any
-    heartbeat: Heartbeat
 
 
 def prepare_data(run: RunConfig, info: DistInfo) -> Dict[str, Any]:
@@ -80,7 +79,7 @@ def build_model(run: RunConfig, info: DistInfo, ckpt: Optional[Path]) -> torch.n
     if run.train.activation_checkpointing == "non_reentrant":
         model.set_activation_checkpointing(True)
     if ckpt is None and run.train.init_from:  # before deepspeed.initialize: ZeRO-3 partitions what is loaded
-        log(info, f"initialised from {init_from.load_weights(model, run.train.init_from)}")
+        log(info, f"initialised from {init_from.load_weights(model, run.train.init_from, run.train.verify_checkpoint)}")
     return model
 
 
@@ -106,6 +105,7 @@ def start_deepspeed(run: RunConfig, info: DistInfo, model: torch.nn.Module, ckpt
         ds["checkpoint"] = {"load_universal": True}
     groups = param_groups(model, run.train.weight_decay, run.train.decay_embeddings)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds)
+    all_groups_wait(run.train.dist_timeout_minutes)  # its groups were made with torch's default timeout
     if not hasattr(engine.optimizer, "overflow"):  # ZeRO-0 fp32: a plain torch optimizer
         guard_plain_optimizer(engine.optimizer)
     return engine, ds
@@ -178,10 +178,12 @@ def build(run: RunConfig, info: DistInfo) -> Trainer:
     t = run.train
     # before any work: the batch split (refused when the world size cannot divide it) and the resume's recipe
     micro, _, global_batch = ds_config.batch_arithmetic(run, info.world_size)
-    ckpt = resolve_resume(t.resume, t.output_dir, info.world_size)
+    choice = resume.choose(t.resume, t.output_dir, info.world_size, t.verify_checkpoint, info)  # verified
+    ckpt = choice.ckpt
     if ckpt is not None:
-        check_world_size(ckpt, info.world_size)
-        check_recipe(ckpt, run, global_batch)
+        resume.check_world_size(ckpt, info.world_size)
+        resume.check_recipe(ckpt, run, global_batch)
+    resume.announce(choice, info)  # damaged ones passed over: one line each, set aside
     log(info, ds_config.describe_batch(run, info.world_size))
     manifest = prepare_data(run, info)
     model = build_model(run, info, ckpt)
@@ -203,10 +205,8 @@ def build(run: RunConfig, info: DistInfo) -> Trainer:
     log(info, f"world {info.world_size} (rank {info.rank}, local {info.local_rank}, master {info.master}), "
               f"device {info.device.type}, ZeRO-{ds_config.zero_stage(ds)}, {precision}, "
               f"{sum(getattr(p, 'ds_numel', p.numel()) for p in model.parameters()):,} parameters, {len(resident)} resident shared tensors")  # fmt: skip
-    heartbeat = Heartbeat(info.rank, info.world_size)
-    heartbeat.start()
     return Trainer(run, info, engine, loader, TrainState.from_dict(saved), checkpointer,
-                   Evaluator(engine, validation, info.device), reporter, tracker, heartbeat)  # fmt: skip
+                   Evaluator(engine, validation, info.device), reporter, tracker)  # fmt: skip
 
 
 def _git_commit() -> str:

@@ -1,6 +1,11 @@
 """`scale-hyper train`: the loop, and the run around it (setup, the finish, how it ends).
 
 The loop (``train``) reads top to bottom; each call in it is one component's job (``setup``).
+
+Exit codes (``main``): 0 finished, or stopped by SIGUSR1/SIGTERM/train.stop_after_steps with a
+checkpoint; 2 bad input (one line); 3 too many non-finite steps in a row (checkpoint saved); 4 a
+collective failed or timed out (a rank died, or is alive but stuck); 5 a rank sent no heartbeat for
+train.dist_timeout_minutes (stopped, hung, node gone) — every live rank names it (``heartbeat.py``).
 On a plain step — one that neither logs, evaluates, saves nor checks for a stop signal — it makes
 no device→host sync and no collective of its own (``docs/benchmarks.md`` has the count).
 """
@@ -16,10 +21,12 @@ import torch.distributed as dist
 from scale_hyper import runs
 from scale_hyper.config import ConfigError, RunConfig, errors
 from scale_hyper.engine import setup, sync_audit
-from scale_hyper.engine.checkpointer import ResumeError, StorageError
+from scale_hyper.engine.checkpointer import StorageError
 from scale_hyper.engine.distributed import DistInfo, init_distributed
 from scale_hyper.engine.evaluator import to_device
+from scale_hyper.engine.heartbeat import Heartbeats
 from scale_hyper.engine.progress import Progress, log
+from scale_hyper.engine.resume import ResumeError
 from scale_hyper.engine.watchdog import NonFiniteError, StopSignals, count_update, injected_nonfinite_steps
 
 
@@ -96,10 +103,14 @@ def main(run: RunConfig) -> int:
     started, stop = time.perf_counter(), StopSignals()  # before setup: a preemption during data prep counts too
     info: Optional[DistInfo] = None
     tr: Optional[setup.Trainer] = None
+    beats: Optional[Heartbeats] = None
     sync_audit.install_if_requested()  # tests and benchmarks only: counts syncs per step
     try:
         info = init_distributed(run.train.device, run.train.dist_timeout_minutes)
+        run_dir = runs.RunDir(run.train.output_dir)
+        beats = Heartbeats(info.rank, info.world_size, run.train.dist_timeout_minutes, run_dir.newest).start()
         tr = setup.build(run, info)
+        beats.follow(lambda: tr.state.step if tr else None)
         if tr.state.val_before is None:  # the baseline every later validation is compared with
             tr.state.val_before = tr.evaluator.evaluate()
             tr.reporter.record(tr.state.val_before, 0)
@@ -126,17 +137,21 @@ def main(run: RunConfig) -> int:
         if info is None or info.world_size == 1 or not _looks_distributed(err):
             raise
         newest = runs.RunDir(run.train.output_dir).newest()
-        silent = tr.heartbeat.silent_ranks() if tr else []
+        silent = beats.dead_ranks() if beats else []
         suspect = f" (no heartbeat from rank {', '.join(map(str, silent))})" if silent else ""
         print(
-            f"scale-hyper: rank {info.rank}: a collective with the other ranks failed or timed out "
-            f"(train.dist_timeout_minutes={run.train.dist_timeout_minutes}): another rank probably died or hung"
+            f"scale-hyper: rank {info.rank}: a collective with the other ranks failed or timed out (collectives "
+            f"wait {beats.t.collective_s if beats else 0:.0f} s with train.dist_timeout_minutes={run.train.dist_timeout_minutes:g}):"
+            " another rank died, or is alive but stuck"
             f"{suspect}. Newest checkpoint: {newest or 'none'}; resume with train.resume=auto. "
             f"Cause: {str(err).splitlines()[0][:300]}",
             file=sys.stderr,
             flush=True,
         )
         return 4
+    finally:
+        if beats:
+            beats.stop()  # this rank leaves: nobody names it while the others finish
 
 
 def _looks_distributed(err: BaseException) -> bool:

@@ -1,19 +1,17 @@
-"""The watchdog: stop signals, the non-finite-update guard, and heartbeats for naming a dead rank.
+"""The watchdog: stop signals and the non-finite-update guard (hung ranks: ``heartbeat.py``).
 
 None of it costs the hot path a device sync or a collective on a plain step:
 - signals set a flag; ranks agree on it (one all-reduce) only every ``train.stop_check_every`` steps;
 - the guard reads DeepSpeed's own verdict on the step (``engine.was_step_applied()``, a host bool its
-  overflow check computes anyway); only ZeRO-0 in fp32, where DeepSpeed has no check, gets ours;
-- heartbeats come from a daemon thread.
+  overflow check computes anyway); only ZeRO-0 in fp32, where DeepSpeed has no check, gets ours.
 """
 
 from __future__ import annotations
 
 import os
 import signal
-import threading
 import time
-from typing import Any, List, Optional
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -69,46 +67,6 @@ def guard_plain_optimizer(optimizer: Any) -> None:
 
     optimizer.overflow = False
     optimizer.step = step
-
-
-class Heartbeat:
-    """A daemon thread records 'alive at T' in the rendezvous store every few seconds. Ranks blocked
-    in a collective keep beating (the GIL is released there); a dead rank stops, so the survivors
-    can name it when their collective fails."""
-
-    PREFIX, EVERY_S = "scale_hyper/heartbeat/", 5.0
-
-    def __init__(self, rank: int, world_size: int) -> None:
-        self.rank, self.world_size = rank, world_size
-
-    def start(self) -> None:
-        if self.world_size > 1:
-            threading.Thread(target=self._beat, name="scale-hyper-heartbeat", daemon=True).start()
-
-    def _beat(self) -> None:
-        key = self.PREFIX + str(self.rank)
-        while True:
-            try:
-                dist.distributed_c10d._get_default_store().set(key, repr(time.time()))
-            except Exception:  # diagnostics only: never disturb training
-                return
-            time.sleep(self.EVERY_S)
-
-    def silent_ranks(self) -> List[int]:
-        """Other ranks whose heartbeat stopped advancing (best effort: the store lives with rank 0)."""
-        try:
-            store = dist.distributed_c10d._get_default_store()
-            keys = {r: self.PREFIX + str(r) for r in range(self.world_size) if r != self.rank}
-
-            def read() -> dict:
-                return {r: store.get(k) if store.check([k]) else b"" for r, k in keys.items()}
-
-            first = read()
-            time.sleep(2.5 * self.EVERY_S)  # a live rank beats at least twice in this window
-            second = read()
-        except Exception:
-            return []
-        return [r for r in keys if first[r] == second[r]]
 
 
 def count_update(engine: Any, state: Any) -> None:

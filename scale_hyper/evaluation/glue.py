@@ -30,6 +30,7 @@ import torch
 from scale_hyper import runs as sources
 from scale_hyper.evaluation import metrics as M
 from scale_hyper.evaluation.glue_data import TASKS, Example, Task, load_task
+from scale_hyper.runs.manifest import mode_from_args
 
 SMALL_TASKS = ("rte", "mrpc", "stsb")
 
@@ -48,7 +49,7 @@ class ModelFactory:
 
     @classmethod
     def from_path(cls, path: str, args: Sequence[str] = ()) -> ModelFactory:
-        src = sources.resolve(path)
+        src = sources.resolve(path, mode_from_args(args))
         run = sources.run_config(src, args) if src.kind == "checkpoint" else None
         tok = sources.load_tokenizer_for(src, run)
         if src.kind == "checkpoint":
@@ -202,7 +203,7 @@ def markdown(model_name: str, summaries: List[Dict[str, object]]) -> str:
 
 def run_glue(model_path: str, tasks: Sequence[str], args: Sequence[str] = (), out: Optional[str] = None,
              small_task_epochs: int = 10, max_train: int = 0, log=print) -> Dict[str, object]:  # fmt: skip
-    src = sources.resolve(model_path)
+    src = sources.resolve(model_path, mode_from_args(args))
     run = sources.run_config(src, args)
     ev = run.eval
     names = list(tasks) or list(ev.glue_tasks)

@@ -17,6 +17,7 @@ from typing import Dict, Iterable, List, Optional, Sequence
 import torch
 
 from scale_hyper import runs as sources
+from scale_hyper.runs.manifest import mode_from_args
 
 
 @torch.no_grad()
@@ -55,7 +56,7 @@ def evaluate(
 ) -> Dict[str, float]:
     from scale_hyper.data import check_vocab, load_manifest, val_loader
 
-    src = sources.resolve(model_path)
+    src = sources.resolve(model_path, mode_from_args(args))
     run = sources.run_config(src, args)
     if run.data.mixture and not any(a.startswith("data.output=") for a in args):
         from scale_hyper.data.mixture import load_sources

@@ -35,7 +35,7 @@ def save(model: PreTrainedModel, info: Dict[str, Any], out: Path, tokenizer=None
 
 def main(src: str, layers: int, out: Optional[str], embeddings: str, order: str, seed: int) -> int:
     try:
-        source = sources.resolve(src)
+        source = sources.resolve(src)  # a checkpoint is verified against its manifest first
         src_model = sources.load_mlm(source)
         model, info = transplant(src_model, layers, embeddings, order, seed)
     except (FileNotFoundError, ValueError) as err:

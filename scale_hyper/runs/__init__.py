@@ -7,16 +7,20 @@ A run directory (``train.output_dir``)::
       metrics.jsonl               every logged metric, one JSON object a line (rank 0)
       hf/                         the Hugging Face export written at the end of training
       checkpoints/                DeepSpeed's save directory (its `latest`, `zero_to_fp32.py`)
-        step_N/                   one checkpoint: DeepSpeed's files, rank_R.pt, trainer_state.json (LAST)
+        step_N/                   one checkpoint: DeepSpeed's files, rank_R.pt, manifest.json (sizes and
+                                  checksums of them all), trainer_state.json (LAST)
         step_N_universal/         the same step converted for another world size
+        step_N.damaged/           a checkpoint that failed verification, set aside by a resume (kept)
 
-``layout`` names these paths and finds checkpoints; ``sources`` turns any of them (or a Hugging
+``layout`` names these paths and finds checkpoints; ``manifest`` writes and checks what each
+checkpoint's files must be; ``sources`` turns any of them (or a Hugging
 Face directory) into a config and weights. Training, export, eval, GLUE, transplant and
 ``train.init_from`` all go through here, so they agree on what a path means.
 """
 
 from scale_hyper.runs.layout import (
     MARKER,
+    SET_ASIDE,
     NoCheckpointError,
     RunDir,
     complete_checkpoints,
@@ -25,6 +29,8 @@ from scale_hyper.runs.layout import (
     is_universal,
     read_state,
     run_config_of,
+    set_aside,
+    set_aside_checkpoints,
     step_name,
     write_state,
 )
@@ -41,6 +47,7 @@ from scale_hyper.runs.sources import (
 
 __all__ = [
     "MARKER",
+    "SET_ASIDE",
     "ModelSource",
     "NoCheckpointError",
     "RunDir",
@@ -56,6 +63,8 @@ __all__ = [
     "resolve",
     "run_config",
     "run_config_of",
+    "set_aside",
+    "set_aside_checkpoints",
     "source_geometry",
     "step_name",
     "write_state",

@@ -17,7 +17,9 @@ from typing import Any, Dict, List, Optional, Union
 from scale_hyper.config import RunConfig
 
 MARKER = "trainer_state.json"
+SET_ASIDE = ".damaged"  # suffix of a damaged checkpoint a resume moved out of the way (kept, never read)
 _STEP_DIR = re.compile(r"^step_(\d+)(_universal)?$")
+_SET_ASIDE_DIR = re.compile(r"^step_(\d+)(_universal)?\.damaged(\d*)$")
 PathLike = Union[str, "os.PathLike[str]"]
 
 
@@ -82,6 +84,27 @@ def complete_checkpoints(save_dir: PathLike) -> List[Path]:
         m = _STEP_DIR.match(d.name)
         if m and is_checkpoint(d):
             found.append((int(m.group(1)), bool(m.group(2)), d))
+    return [d for _, _, d in sorted(found)]
+
+
+def set_aside(ckpt: Path) -> Path:
+    """Rename a damaged checkpoint to ``step_N.damaged`` (``.damaged2``, … when taken): kept for inspection,
+    never resumed, never pruned, and out of the way of the next save of step N."""
+    target, k = ckpt.with_name(ckpt.name + SET_ASIDE), 1
+    while target.exists():
+        k += 1
+        target = ckpt.with_name(f"{ckpt.name}{SET_ASIDE}{k}")
+    ckpt.rename(target)
+    return target
+
+
+def set_aside_checkpoints(save_dir: PathLike) -> List[Path]:
+    """The damaged checkpoints resumes have set aside in DeepSpeed's save directory, oldest step first."""
+    found = []
+    for d in Path(save_dir).glob("step_*" + SET_ASIDE + "*"):
+        m = _SET_ASIDE_DIR.match(d.name)
+        if m and d.is_dir():
+            found.append((int(m.group(1)), d.name, d))
     return [d for _, _, d in sorted(found)]
 
 

@@ -22,11 +22,11 @@ from scale_hyper.runs.layout import (
     NoCheckpointError,
     PathLike,
     RunDir,
-    find_checkpoint,
     is_checkpoint,
     read_state,
     run_config_of,
 )
+from scale_hyper.runs.manifest import find_intact
 
 if TYPE_CHECKING:
     import torch
@@ -57,14 +57,16 @@ def _checkpoint_source(ckpt: Path, path: Optional[Path] = None, kind: str = "che
     return ModelSource(path or ckpt, kind, run=run_config_of(ckpt), mlflow_run_id=read_state(ckpt).get("mlflow_run_id"))
 
 
-def resolve(path: PathLike) -> ModelSource:
+def resolve(path: PathLike, verify: str = "full") -> ModelSource:
+    """``verify``: how a checkpoint is checked against its manifest first (``manifest.MODES``); a damaged
+    one named explicitly is refused, a run directory gives its newest checkpoint that verifies."""
     p = Path(path)
     if (p / "config.json").is_file() and not is_checkpoint(p):
         # An export inside a run directory (train's RUN/hf): its run's config (data, batch, tracking) is the base.
         near = RunDir(p.parent).newest()
         return _checkpoint_source(near, p, "hf") if near else ModelSource(p, "hf")
     try:
-        return _checkpoint_source(find_checkpoint(p))
+        return _checkpoint_source(find_intact(p, verify))
     except NoCheckpointError:
         raise NoCheckpointError(
             f"{p} is neither a scale-hyper checkpoint (no {MARKER}), a run output_dir or checkpoints/ "
