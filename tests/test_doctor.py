@@ -241,6 +241,7 @@ def test_kernel_against_reference_in_the_interpreter(tmp_path, fault):
 def doctor_inputs(tmp_path: Path, b_losses=None, b_cursors=None) -> tuple:
     from scale_hyper.config import load_config
     from scale_hyper.doctor import training
+    from scale_hyper.runs import manifest
 
     run = load_config([*COMMON, "deepspeed.zero_stage=3", f"train.output_dir={tmp_path}"])
     a = {s: 6.0 - 0.1 * s for s in range(1, 9)}
@@ -248,12 +249,13 @@ def doctor_inputs(tmp_path: Path, b_losses=None, b_cursors=None) -> tuple:
     cursors = [{"epoch": 0, "offset": 128}]
     for name, losses, cur in (("a", a, cursors), ("b", b, cursors if b_cursors is None else b_cursors)):
         home = training.doctor_dir(run) / name
-        (home / "checkpoints" / "step_8").mkdir(parents=True)
+        ckpt = home / "checkpoints" / "step_8"
+        ckpt.mkdir(parents=True)
         rows = [{"step": s, "loss": v, "tokens_per_s": 1000.0, "skipped_steps": 0.0} for s, v in losses.items()]
         (home / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        (home / "checkpoints" / "step_8" / "trainer_state.json").write_text(
-            json.dumps({"step": 8, "data_cursors": cur})
-        )
+        (ckpt / "weights.pt").write_bytes(b"the weights")  # a checkpoint as the trainer seals it: manifest + marker
+        sealed = manifest.seal({"step": 8, "data_cursors": cur}, manifest.write(ckpt, [{}], 8, 1))
+        (ckpt / "trainer_state.json").write_text(json.dumps(sealed))
     return run, training
 
 
