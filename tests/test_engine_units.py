@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import counted_flops
 
 from scale_hyper import runs
 from scale_hyper.config import ConfigError, load_config
@@ -201,3 +202,15 @@ def test_flops_scale_as_the_spec_says():
     growth_hyper = train_flops_per_token(hyper, 8192) / train_flops_per_token(hyper, 512)
     assert growth_hyper < growth_bert
     assert train_flops_per_token(bert, 512) > 6 * 85e6  # at least 6 × the non-embedding parameters
+
+
+@pytest.mark.parametrize("preset", ["bert-tiny", "hyperbert-tiny", "hypermixer-tiny", "hyla-tiny"])
+def test_flops_per_token_match_torchs_flop_counter(preset):
+    """The analytic count behind MFU, `plan`'s days and results.md's "equal FLOPs" column, against
+    torch's FlopCounterMode on a tiny forward + backward (tests/tiny_models.py::counted_flops)."""
+    mc = load_config([preset, "model.dropout=0.0"]).model
+    batch, seq, masked = 2, 32, 8
+    forward, both = counted_flops(mc, batch, seq, masked)
+    want = train_flops_per_token(mc, seq, mask_prob=masked / (batch * seq)) * batch * seq
+    assert forward == want / 3  # forward: exactly the formula
+    assert both == want  # backward = 2 × forward for every matmul

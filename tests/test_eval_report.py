@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import need_module
 
 REPO = Path(__file__).resolve().parents[1]
 GEOMETRY = {"model.hidden_size": "64", "model.num_layers": "2", "model.num_heads": "2", "model.ffn_size": "256",
@@ -17,7 +18,7 @@ GEOMETRY = {"model.hidden_size": "64", "model.num_layers": "2", "model.num_heads
 
 @pytest.fixture
 def store(tmp_path):
-    pytest.importorskip("matplotlib")
+    need_module("matplotlib")
     from mlflow import MlflowClient
     from mlflow.entities import Metric, Param
 

@@ -223,7 +223,16 @@ def test_fill_mask_pipeline(tmp_path):
     predictions = fill("the cat [MASK] on the mat", top_k=3)
     assert len(predictions) == 3
     assert all(p["token_str"] in tokenizer.get_vocab() for p in predictions)
-    assert abs(sum(p["score"] for p in fill("the cat [MASK] on the mat", top_k=len(tokenizer)))) - 1 < 1e-5
+    # The pipeline's answer is the model's own: softmax of the logits at the [MASK] position, top 3.
+    enc = tokenizer("the cat [MASK] on the mat", return_tensors="pt")
+    at = enc["input_ids"][0].tolist().index(tokenizer.mask_token_id)
+    with torch.no_grad():
+        probs = model(**enc).logits[0, at].softmax(-1)
+    top = probs.topk(3)
+    assert [p["token"] for p in predictions] == top.indices.tolist()
+    assert [p["score"] for p in predictions] == pytest.approx(top.values.tolist(), abs=1e-6)
+    total = sum(p["score"] for p in fill("the cat [MASK] on the mat", top_k=len(tokenizer)))
+    assert total == pytest.approx(1.0, abs=1e-5)  # a distribution over the whole vocabulary
 
     # The same from a saved folder, resolved through the Auto classes.
     model.save_pretrained(tmp_path)

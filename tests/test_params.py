@@ -2,6 +2,8 @@
 
 import dataclasses
 import os
+import re
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -9,6 +11,8 @@ import pytest
 
 from scale_hyper.config import load_config
 from scale_hyper.models import ModelConfig, build_model, count_by_component, parameter_report
+
+README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 def preset(name: str) -> ModelConfig:
@@ -111,9 +115,26 @@ def test_hyperbert_mini_is_5_to_7_percent_smaller_than_bert_mini():
     assert report["total_params"] == expected(hyper)["total"]
     assert report["delta_params"] == report["total_params"] - report["baseline_params"]
     assert -7.0 < report["delta_pct"] < -5.0, report["delta_pct"]
+    # Pinned: the exact counts behind README's "−5.5 % total, −19 % non-embedding, −59 % mixing".
+    deltas = report["deltas"]
+    assert {k: (v["params"], v["baseline"]) for k, v in deltas.items()} == {
+        "total": (10_581_178, 11_201_594), "non-embedding": (2_635_450, 3_255_866), "mixing": (434_304, 1_054_720)
+    }  # fmt: skip
+    assert [round(deltas[k]["pct"], 2) for k in ("total", "non-embedding", "mixing")] == [-5.54, -19.06, -58.82]
     # The spec's arithmetic: BERT-mini ≈ 11.2 M with ≈ 1.05 M in Q/K/V/O.
     assert 11.0e6 < report["baseline_params"] < 11.3e6
     assert report["baseline_components"]["mixers"] - 4 * ln(256) == 4 * attention(256)
+
+
+def test_readme_states_what_params_prints_for_hyperbert_mini():
+    """README's example line carries the three deltas `scale-hyper params hyperbert-mini` prints."""
+    line = next(x for x in README.read_text().splitlines() if x.startswith("scale-hyper params hyperbert-mini"))
+    m = re.search(r"# −([\d.]+) % total, −([\d.]+) % non-embedding, −([\d.]+) % mixing vs bert-mini", line)
+    assert m, line
+    deltas = parameter_report(preset("hyperbert-mini"))["deltas"]
+    for text, key in zip(m.groups(), ("total", "non-embedding", "mixing"), strict=True):
+        decimals = len(text.split(".")[1]) if "." in text else 0
+        assert round(-deltas[key]["pct"], decimals) == float(text), (key, deltas[key]["pct"], line)
 
 
 @pytest.mark.parametrize("size", ["tiny", "mini", "base", "large"])

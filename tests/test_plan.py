@@ -12,6 +12,7 @@ from launch import REPO, run_ranks, scale_hyper
 
 from scale_hyper.config import load_config
 from scale_hyper.engine import planner
+from scale_hyper.models.flops import train_flops_per_token
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
@@ -38,7 +39,15 @@ def test_readme_plan_prints_its_table_and_json_has_the_same_figures():
     assert p["tokens_per_step"] == b["global"] * p["seq_len"]
     assert [s["stage"] for s in p["stages"]] == [0, 1, 2, 3]
     assert p["stages"][3]["model_state_bytes"] < p["stages"][0]["model_state_bytes"]
-    assert p["days"] > 0 and f"{p['days']:.2f} days" in out
+    # Days to the budget, from first principles: MosaicBERT's recipe in the preset (70 k steps of
+    # 4096 × 128 tokens), the analytic training FLOPs per token (checked against torch's FlopCounterMode
+    # in tests/test_engine_units.py), 8 × the H100 SXM's 989.4 dense bf16 TFLOP/s (datasheet) at the default
+    # MFU of 40 %.
+    run = load_config(["hyperbert-base"])
+    assert p["token_budget"] == 70_000 * 4096 * 128 and p["mfu"] == 0.4 and p["gpu"]["bf16_tflops"] == 989.4
+    assert p["flops_per_token"] == train_flops_per_token(run.model, 128, run.data.mask_prob)
+    want_days = p["flops_per_token"] * 70_000 * 4096 * 128 / (8 * 989.4e12 * 0.4) / 86400
+    assert p["days"] == pytest.approx(want_days, rel=1e-9) and f"{want_days:.2f} days" in out
 
 
 def test_plan_imports_no_deepspeed():
@@ -76,6 +85,52 @@ def test_largest_micro_is_the_edge_of_what_fits():
         assert fixed + planner.activation_bytes(run, m, False, "bf16") <= usable
         assert fixed + planner.activation_bytes(run, m + 1, False, "bf16") > usable
         assert s["max_micro"]["checkpointing"] > m
+
+
+def saved_activation_bytes(run, micro: int) -> int:
+    """Bytes of the tensors autograd keeps for backward over one forward of the MLM model (fp32, CPU),
+    counted once per storage by torch.autograd.graph.saved_tensors_hooks; parameters excluded."""
+    import torch
+
+    from scale_hyper.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model(run.model, task="mlm").train()
+    model.set_activation_checkpointing(run.train.activation_checkpointing != "none")
+    ids = torch.randint(5, run.model.vocab_size, (micro, run.data.seq_len))
+    labels = torch.full_like(ids, -100)
+    masked = round(run.data.mask_prob * ids.numel())
+    labels.view(-1)[torch.randperm(ids.numel())[:masked]] = 7
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            saved[storage.data_ptr()] = max(saved.get(storage.data_ptr(), 0), storage.nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(input_ids=ids, labels=labels, sparse_logits=True)
+    return sum(saved.values())
+
+
+@pytest.mark.parametrize("mixer", ["bert", "hyperbert", "hypermixer", "hyla"])
+def test_activation_bytes_bound_what_autograd_saves(mixer):
+    """plan's activation figure (analytic, 16-bit counts × 2 in fp32) against the saved tensors of a real
+    forward on CPU at mini width: never below them (the largest micro batch it names must fit) and
+    not far above (within 1.5×). With checkpointing the peak is the blocks' inputs and the head, saved in
+    forward, plus one block recomputed in backward (a plain run's per-block share): within 2×."""
+    common = [f"{mixer}-mini", "data.seq_len=64", "model.dropout=0.1"]
+    plain = load_config(common)
+    ckpt = load_config([*common, "train.activation_checkpointing=non_reentrant"])
+    measured = saved_activation_bytes(plain, 2)
+    planned = planner.activation_bytes(plain, 2, False, "fp32")
+    assert measured <= planned <= 1.5 * measured, (planned, measured)
+    kept = saved_activation_bytes(ckpt, 2)
+    peak = kept + (measured - kept) / plain.model.num_layers
+    planned = planner.activation_bytes(ckpt, 2, True, "fp32")
+    assert peak <= planned <= 2 * peak, (planned, peak)
 
 
 @pytest.mark.slow

@@ -50,19 +50,41 @@ def test_tasks_give_identical_bytes(reference, tmp_path, tasks):
     assert _files(cfg.output) == reference[1]
 
 
-def test_resume_after_interruption(reference, tmp_path, monkeypatch):
-    cfg = _cfg(tmp_path / "data", prepare_workers=1)
-    monkeypatch.setenv(prepare.STOP_AFTER_ENV, "2")
-    with pytest.raises(SystemExit) as stop:
-        ensure_prepared(cfg, seed=5)
-    assert stop.value.code == 3
-    done = sorted(glob.glob(os.path.join(cfg.output, "slices", "0*.json")))
-    assert len(done) == 2 and not os.path.exists(os.path.join(cfg.output, "manifest.json"))
+# `scale-hyper prepare` killed for real: 50 slices of 2 documents, so that the work left after the first
+# finished slice (seconds) is far longer than the test takes to notice it and send SIGKILL.
+KILLED = ["data.source=stdlib", "data.max_documents=100", "data.vocab_size=512", "data.seq_len=64",
+          "data.num_workers=0", "data.slice_documents=2", "data.prepare_workers=1", "train.seed=5"]  # fmt: skip
+
+
+def test_resume_after_a_kill(tmp_path, capsys):
+    """SIGKILL once a slice is done (no hook: the process dies wherever it is, maybe mid-slice), then
+    the same command again: finished slices are not redone, and the bytes are an uninterrupted run's."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from scale_hyper.config import load_config
+
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "scale_hyper", "prepare", *KILLED, f"data.output={out}"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not glob.glob(os.path.join(out, "slices", "0*.json")):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(60)
+    done = sorted(glob.glob(os.path.join(out, "slices", "0*.json")))
+    assert 1 <= len(done) < 50 and not os.path.exists(os.path.join(out, "manifest.json")), len(done)
     mtimes = {p: os.stat(p).st_mtime_ns for p in done}
-    monkeypatch.delenv(prepare.STOP_AFTER_ENV)
-    ensure_prepared(cfg, seed=5)
+    assert prepare.main(load_config([*KILLED, f"data.output={out}"])) == 0  # run again: resumes
     assert {p: os.stat(p).st_mtime_ns for p in done} == mtimes, "finished slices are not redone"
-    assert _files(cfg.output) == reference[1]
+    assert prepare.main(load_config([*KILLED, f"data.output={tmp_path}/straight"])) == 0
+    capsys.readouterr()
+    leftovers = [p for p in _files(out) if ".tmp" in p]  # a write the kill cut short (never read)
+    assert _files(out).keys() - set(leftovers) == _files(tmp_path / "straight").keys()
+    assert {k: v for k, v in _files(out).items() if k not in leftovers} == _files(tmp_path / "straight")
 
 
 def test_half_written_and_stale_slices_are_redone(reference, tmp_path):
@@ -261,11 +283,13 @@ def test_sliced_prepare_into_s3_resumes_and_matches_local(reference, s3, monkeyp
 
     cfg = _cfg(s3.url("data"), prepare_workers=1)
     assert prepare.prepare(cfg, seed=5, task=0, tasks=2) == {}  # plan + slices 0, 2, 4, 6
-    monkeypatch.setenv(prepare.STOP_AFTER_ENV, "1")
-    with pytest.raises(SystemExit):  # task 1 (slices 1, 3, 5) "killed" after its first slice
-        prepare.prepare(cfg, seed=5, task=1, tasks=2)
-    monkeypatch.delenv(prepare.STOP_AFTER_ENV)
+    # What a task killed in its second slice leaves in the store: slice 1 complete (its partial manifest
+    # written last), slice 3's first shard written, no partial for slices 3 and 5. Made by running task 1's
+    # first slice alone (task 1 of 6 has slice 1 only; of 2 it has 1, 3, 5) and writing the cut-short shard.
+    assert prepare.run_task(cfg, prepare.get_plan(cfg, 5, create=False), 1, 6) == 1
+    storage.write_bytes(storage.join(cfg.output, "train-000003-0000.tar"), b"cut short by the kill", False)
     assert "manifest.json" not in s3.keys("data") and "slices/000001.json" in s3.keys("data")
+    assert "slices/000003.json" not in s3.keys("data")
     m = prepare.prepare(cfg, seed=5, task=1, tasks=2)
     assert m["slices"] == 7 and m["location"] == s3.url("data")
     want = reference[1]

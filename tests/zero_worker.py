@@ -3,17 +3,24 @@
 For each engine variant it trains a tiny model on deterministic synthetic MLM batches and records:
 per-step losses, how often the hypernetwork's and the blocks' weights were all-gathered, whether
 every hypernetwork weight was available during each layer's forward and backward, and whether the
-encoder blocks were really sharded. Counts and availability are taken after the first step (see below). Results go to the JSON file named on the command line (rank 0).
+encoder blocks were really sharded; and the bytes DeepSpeed all-gathers and reduce-scatters per step
+(`scale_hyper/bench/comm.py::CollectiveCounter`) with this rank's Adam state, for the resident vs
+partitioned comparison. ZeRO-3 runs with strict windows (`stage3_max_reuse_distance=0`, no prefetch:
+every weight is released after use and fetched again, what a model much larger than DeepSpeed's
+windows sees; docs/benchmarks.md, "ZeRO-3 communication"). Counts, bytes and availability are taken
+after the first step (see below). Results go to the JSON file named on the command line (rank 0).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import statistics
 import sys
 
 import torch
 
+from scale_hyper.bench.comm import CollectiveCounter
 from scale_hyper.config import load_config
 from scale_hyper.engine import ds_config
 from scale_hyper.engine.distributed import init_distributed
@@ -67,6 +74,8 @@ def run_variant(stage: int, resident: bool, rank: int, world: int, extra=()):
     torch.manual_seed(0)
     model = build_model(run.model, task="mlm")
     ds = ds_config.build(run, world, torch.device("cpu"))
+    if stage == 3:
+        ds["zero_optimization"].update(stage3_max_reuse_distance=0, stage3_prefetch_bucket_size=0)
     import deepspeed
 
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds)
@@ -82,17 +91,22 @@ def run_variant(stage: int, resident: bool, rank: int, world: int, extra=()):
         block.register_full_backward_hook(
             lambda m, gi, go: seen["bwd"].append(all(is_available(p) for p in hyper_params))
         )
-    losses = []
-    for step in range(STEPS):
-        if step == 1:  # DeepSpeed records its parameter trace in the first step and releases
-            counts.clear()  # everything then, persistent or not: measure the steady state
-            seen["fwd"].clear(), seen["bwd"].clear()
-        loss = engine(**batch(step, rank), sparse_logits=True).loss
-        engine.backward(loss)
-        engine.step()
-        t = loss.detach().clone()
-        torch.distributed.all_reduce(t)
-        losses.append(t.item() / world)
+    losses, moved = [], []
+    with CollectiveCounter() as counter:
+        for step in range(STEPS):
+            if step == 1:  # DeepSpeed records its parameter trace in the first step and releases
+                counts.clear()  # everything then, persistent or not: measure the steady state
+                seen["fwd"].clear(), seen["bwd"].clear()
+            counter.reset()
+            loss = engine(**batch(step, rank), sparse_logits=True).loss
+            engine.backward(loss)
+            engine.step()
+            moved.append(dict(counter.bytes))
+            t = loss.detach().clone()
+            torch.distributed.all_reduce(t)  # torch.distributed's own: not DeepSpeed's, not counted
+            losses.append(t.item() / world)
+    steady = moved[1:]
+    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
     block_params = [p for n, p in model.named_parameters() if ".layers." in n and p.dim() == 2]
     sharded = stage == 3 and all(p.ds_tensor.numel() < p.ds_numel for p in block_params)
     hyper_names = {n for n, p in model.named_parameters() if any(p is q for q in hyper_params)}
@@ -107,6 +121,12 @@ def run_variant(stage: int, resident: bool, rank: int, world: int, extra=()):
         "sharded": sharded,
         "state_keys_hyper": sum(1 for k in model.state_dict() if "hypernet" in k or "shared_mixers" in k),
         "num_hyper_params": len(hyper_params),
+        "bytes_per_step": {
+            k: statistics.mean(m.get(k, 0) for m in steady) for k in sorted({k for m in steady for k in m})
+        },
+        "param_bytes": 4 * sum(p.ds_numel if stage == 3 else p.numel() for p in model.parameters()),
+        "hyper_bytes": 4 * sum(p.ds_numel if stage == 3 else p.numel() for p in hyper_params),
+        "adam_numel": sum(v.numel() for st in inner.state.values() for k, v in st.items() if k == "exp_avg"),
     }
 
 

@@ -64,7 +64,6 @@ PREPARE_KEYS = (
     "slice_bytes",
     "slice_documents",
 )
-STOP_AFTER_ENV = "SCALE_HYPER_PREPARE_STOP_AFTER"  # tests: a task exits (code 3) after N slices, as if killed
 PLAN_WAIT_S = float(os.environ.get("SCALE_HYPER_PREPARE_PLAN_WAIT", 6 * 3600))
 
 
@@ -221,7 +220,6 @@ def _todo(data_cfg, plan: Dict[str, Any], task: int, tasks: int) -> List[int]:
 def run_task(data_cfg, plan: Dict[str, Any], task: int, tasks: int) -> int:
     """Run the unfinished slices of task ``task`` of ``tasks``; returns how many were run."""
     todo = _todo(data_cfg, plan, task, tasks)
-    stop_after = int(os.environ.get(STOP_AFTER_ENV, "0") or 0)
     if not todo:
         return 0
     log.info("task %d/%d: %d slice(s) to do of %d", task, tasks, len(todo), len(plan["slices"]))
@@ -233,9 +231,6 @@ def run_task(data_cfg, plan: Dict[str, Any], task: int, tasks: int) -> int:
             tokens += n_tokens
             rate = tokens / max(time.monotonic() - start, 1e-9)
             log.info("slice %d done (%d/%d of this task; %.0fk tokens/s)", slice_id, done, len(todo), rate / 1e3)
-            if stop_after and done >= stop_after and done < len(todo):
-                log.info("%s=%d: stopping this task as if it were killed", STOP_AFTER_ENV, stop_after)
-                raise SystemExit(3)
     except OutOfSpace as full:
         raise space.no_space(data_cfg, full.reason, space.remaining_need(data_cfg, plan, todo, full)) from None
     return done

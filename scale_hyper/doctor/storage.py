@@ -3,7 +3,6 @@ its own file at the same time, as a checkpoint save does), and free space agains
 
 from __future__ import annotations
 
-import errno
 import os
 import time
 from pathlib import Path
@@ -11,7 +10,7 @@ from typing import Any, Dict, List
 
 from scale_hyper.config import ConfigError, RunConfig
 from scale_hyper.data import storage
-from scale_hyper.doctor.results import FAIL, PASS, SKIPPED, Result, faults
+from scale_hyper.doctor.results import FAIL, PASS, SKIPPED, Result
 from scale_hyper.runs import disk
 from scale_hyper.runs.disk import human_bytes
 
@@ -34,7 +33,7 @@ def checkpoint_room(run: RunConfig) -> int:
 
 
 def free_bytes(path: Path) -> int:
-    return 0 if "full_disk" in faults() else disk.free_bytes(path)
+    return disk.free_bytes(path)
 
 
 def require_room(run: RunConfig) -> None:
@@ -48,11 +47,9 @@ def require_room(run: RunConfig) -> None:
         )
 
 
-def _probe(directory: Path, rank: int, size: int, readonly: bool) -> Dict[str, Any]:
+def _probe(directory: Path, rank: int, size: int) -> Dict[str, Any]:
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f".doctor-probe.rank{rank}.{os.getpid()}"  # unique even for two doctors on one directory
-    if readonly:
-        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
     try:
         return _timed_write_read(path, size)
     finally:
@@ -85,7 +82,6 @@ def _timed_write_read(path: Path, size: int) -> Dict[str, Any]:
 def measure(run: RunConfig, rank: int, size: int) -> Dict[str, Any]:
     """This rank's figures for both directories (errors as strings)."""
     out: Dict[str, Any] = {}
-    readonly = "readonly" in faults()
     for key, where in (("train.output_dir", run.train.output_dir), ("data.output", run.data.output)):
         # Each rank's probe file sits in the directory itself: no shared scratch directory that one rank
         # could remove while another is about to write into it (seen under load in CI).
@@ -94,7 +90,7 @@ def measure(run: RunConfig, rank: int, size: int) -> Dict[str, Any]:
             continue
         directory = Path(where).absolute()
         try:
-            out[key] = _probe(directory, rank, size, readonly and key == "train.output_dir")
+            out[key] = _probe(directory, rank, size)
         except OSError as err:
             out[key] = {"error": f"{type(err).__name__}: {err}"}
         out[key]["free"] = free_bytes(Path(where).absolute())
