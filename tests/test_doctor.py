@@ -256,6 +256,8 @@ def test_kernel_row_runs_the_models_geometry_on_both_reduction_paths():
     assert (odd["heads"], odd["c"], odd["p"]) == (4, 64, 64)
     interpreted = kernel_cases(base, gpu_sms=None, supported=True)
     assert [c["split"] for c in interpreted] == [1, 2] and all(c["c"] == 16 for c in interpreted)
+
+
 # ---------------------------------------------------------------------------------------------------
 # The residency and resume checks can FAIL: their decisions on injected differences in what the two
 # trainer runs (a: straight, b: resumed from a's half-way checkpoint) and their probes reported
