@@ -126,10 +126,14 @@ if wants stack; then
             x86-64-v3) simd=-D__AVX256__ ;;
             *) simd=-D__SCALAR__ ;;
         esac
-        real_cc=$("$PYTHON" -c 'import sysconfig; print((sysconfig.get_config_var("CC") or "gcc").split()[0])')
+        # C++ sources go to CXX (setuptools >= 72), C and nvcc's host side to CC: wrap both. Named gcc
+        # and g++, as nvcc (given CC as its host compiler) recognises a compiler by its name.
         wrap=$(mktemp -d)
-        # Named gcc: nvcc, given it as its host compiler (-ccbin $CC), recognises the compiler by name.
-        cat >"$wrap/gcc" <<EOF
+        for var in CC CXX; do
+            real=$("$PYTHON" -c 'import sys, sysconfig; print(sysconfig.get_config_var(sys.argv[1]) or "")' "$var")
+            [[ -n $real ]] || real=$([[ $var == CC ]] && echo gcc || echo g++)
+            name=$([[ $var == CC ]] && echo gcc || echo g++)
+            cat >"$wrap/$name" <<EOF
 #!/usr/bin/env bash
 # docker/install.sh: DeepSpeed's CPU op flags made portable (-march=$CPU_OPS_ARCH $simd)
 args=()
@@ -140,10 +144,11 @@ for a in "\$@"; do
         *) args+=("\$a") ;;
     esac
 done
-exec $real_cc "\${args[@]}"
+exec $real "\${args[@]}"
 EOF
-        chmod +x "$wrap/gcc"
-        export CC=$wrap/gcc
+            chmod +x "$wrap/$name"
+            export "$var=$wrap/$name"
+        done
         step "CPU ops for $CPU_OPS_ARCH ($simd), not for this build machine's CPU"
     fi
     # --no-build-isolation below: DeepSpeed's setup.py must see this torch, and these helpers.
