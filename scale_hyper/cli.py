@@ -80,16 +80,18 @@ def _params(args: argparse.Namespace) -> int:
 
 
 def _prepare(args: argparse.Namespace) -> int:
+    run = _writing_config(args.configs, "prepare")  # before the heavy imports: they write caches
     from scale_hyper.data import prepare
 
     step = "plan" if args.plan else "merge" if args.merge else "all"
-    return prepare.main(_writing_config(args.configs, "prepare"), args.task, args.tasks, step)
+    return prepare.main(run, args.task, args.tasks, step)
 
 
 def _train(args: argparse.Namespace) -> int:
+    run = _writing_config(args.configs, "train")  # before torch: its import writes caches
     from scale_hyper.engine import train
 
-    return train.main(_writing_config(args.configs, "train"))
+    return train.main(run)
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -155,11 +157,10 @@ def _track(args: argparse.Namespace) -> int:
 
 
 def _doctor(args: argparse.Namespace) -> int:
+    run = _writing_config(args.configs, "doctor")  # before torch: its import writes caches
     from scale_hyper.doctor import main as doctor
 
-    return doctor.main(
-        _writing_config(args.configs, "doctor"), args.configs, args.checks, args.json, args.steps, args.join_timeout
-    )
+    return doctor.main(run, args.configs, args.checks, args.json, args.steps, args.join_timeout)
 
 
 def _plan(args: argparse.Namespace) -> int:
