@@ -166,7 +166,7 @@ print(re.search(r"==\s*([0-9.]+)", pins[0]).group(1) if pins else "")
 EOF
 )
             [[ -n $toolkit ]] || fail "torch $installed does not name its cuda-toolkit release and there is no nvcc — use a CUDA base image with nvcc (NGC)"
-            step "installing the CUDA compiler from PyPI: cuda-toolkit[nvcc,cccl]==$toolkit (the release torch $installed uses)"
+            step "installing the CUDA compiler from PyPI: cuda-toolkit[nvcc,cccl,cudart]==$toolkit (the release torch $installed uses)"
             pip_install -c "$constraints" "cuda-toolkit[nvcc,cccl,cudart]==$toolkit"
             # The wheels share one tree, site-packages/nvidia/cuNN/{bin,include,lib,nvvm}: a CUDA_HOME once
             # lib/ has the unversioned libcudart.so the linker asks for. /usr/local/cuda points at it, the

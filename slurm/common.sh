@@ -199,7 +199,8 @@ sh_setup() {
 # gets the job's environment by name (podman does not inherit it), the mounts at the same paths, and runs
 # as the job's user (rootless podman: --userns=keep-id), so files on shared storage are yours as with
 # CONTAINER=none. --init: a small init as PID 1 passes SIGUSR1/SIGTERM from srun (podman relays them) on
-# to the rank. The label lets sh_podman_cleanup find a task's container if its podman client was killed.
+# to the rank (a plain scancel: podman relays SIGTERM, the rank checkpoints, its container ends with
+# it). The label finds a job's containers: podman ps --filter label=scale-hyper.slurm-job=<id>.
 SH_PODMAN_ENV=('SLURM_*' MASTER_ADDR MASTER_PORT RANK LOCAL_RANK WORLD_SIZE OMP_NUM_THREADS 'MLFLOW_*'
     'NCCL_*' 'TORCH_NCCL_*' 'GLOO_*' 'DEEPSPEED_*' 'SCALE_HYPER_*' PYTHONFAULTHANDLER PYTHONUNBUFFERED
     CUDA_VISIBLE_DEVICES HF_HUB_OFFLINE HF_DATASETS_OFFLINE TRANSFORMERS_OFFLINE TOKENIZERS_PARALLELISM)

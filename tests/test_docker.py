@@ -179,6 +179,24 @@ def test_wrong_container_value_is_refused_before_srun(tmp_path):
     assert not (tmp_path / "srun.log").exists()
 
 
+def test_volume_check_refuses_outputs_on_the_root_filesystem_before_writing(tmp_path):
+    """The images' SCALE_HYPER_REQUIRE_VOLUME=1, on this host (no podman needed): a directory that lies on
+    the mount of "/" counts as "inside the container"; the CLI refuses before torch is imported, so
+    nothing at all is written. Without the variable the same command would train."""
+    from scale_hyper.config.volumes import _mount_of, _mount_points
+
+    points = _mount_points()
+    if _mount_of(os.path.realpath(tmp_path), points) != "/":
+        unavailable(f"{tmp_path} is on its own mount here, not on /")  # e.g. /tmp as tmpfs
+    env = dict(os.environ, SCALE_HYPER_REQUIRE_VOLUME="1")
+    proc = subprocess.run(["scale-hyper", "train", *TINY], cwd=tmp_path, env=env, capture_output=True, text=True)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stdout + proc.stderr
+    assert lines[0].startswith(f"scale-hyper: error: data.output={SHARDS} ({tmp_path}/{SHARDS}) is not on a mounted")
+    assert list(tmp_path.iterdir()) == []
+    assert _mount_of("/proc/self", points) == "/proc" and _mount_of("/", points) == "/"
+
+
 # ------------------------------------------------------------------------------------------------
 # The image itself
 # ------------------------------------------------------------------------------------------------
