@@ -26,6 +26,16 @@ def _run_config(configs: List[str]):
     return load_config(configs)
 
 
+def _writing_config(configs: List[str], verb: str):
+    """The RunConfig of a verb that writes; inside the container image its outputs must be on writable
+    volumes (scale_hyper/config/volumes.py), checked before anything is written."""
+    from scale_hyper.config import volumes
+
+    run = _run_config(configs)
+    volumes.check(run, verb)
+    return run
+
+
 def _config(args: argparse.Namespace) -> int:
     from scale_hyper.config import to_yaml
 
@@ -70,16 +80,18 @@ def _params(args: argparse.Namespace) -> int:
 
 
 def _prepare(args: argparse.Namespace) -> int:
+    run = _writing_config(args.configs, "prepare")  # before the heavy imports: they write caches
     from scale_hyper.data import prepare
 
     step = "plan" if args.plan else "merge" if args.merge else "all"
-    return prepare.main(_run_config(args.configs), args.task, args.tasks, step)
+    return prepare.main(run, args.task, args.tasks, step)
 
 
 def _train(args: argparse.Namespace) -> int:
+    run = _writing_config(args.configs, "train")  # before torch: its import writes caches
     from scale_hyper.engine import train
 
-    code = train.main(_run_config(args.configs))
+    code = train.main(run)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # Leave without the interpreter's teardown: it destroys gloo's and the rendezvous store's C++
         # objects in no fixed order across ranks, and a thread still inside one of them aborts the
@@ -169,9 +181,10 @@ def _track(args: argparse.Namespace) -> int:
 
 
 def _doctor(args: argparse.Namespace) -> int:
+    run = _writing_config(args.configs, "doctor")  # before torch: its import writes caches
     from scale_hyper.doctor import main as doctor
 
-    return doctor.main(_run_config(args.configs), args.configs, args.checks, args.json, args.steps, args.join_timeout)
+    return doctor.main(run, args.configs, args.checks, args.json, args.steps, args.join_timeout)
 
 
 def _plan(args: argparse.Namespace) -> int:

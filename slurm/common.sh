@@ -165,7 +165,11 @@ sh_setup() {
             (( GPUS_PER_NODE > 0 )) && SH_EXEC+=(--nv)
             SH_EXEC+=("${extra[@]}" "$IMAGE")
             ;;
-        *) sh_die "CONTAINER=$CONTAINER: use none, pyxis or apptainer" ;;
+        podman)
+            [[ -n $IMAGE ]] || sh_die "CONTAINER=podman needs IMAGE (e.g. scale-hyper:0.1.0-cpu from docker/build.sh, on every node)"
+            sh_podman_exec "$mounts" "${extra[@]}"
+            ;;
+        *) sh_die "CONTAINER=$CONTAINER: use none, pyxis (or enroot), apptainer (or singularity) or podman" ;;
     esac
 
     # --- the training command ----------------------------------------------------------------------
@@ -192,6 +196,30 @@ sh_setup() {
         "$NNODES node(s) x $PROCS_PER_NODE rank(s) = world $WORLD_SIZE, GPUs/node $GPUS_PER_NODE," \
         "master $MASTER_ADDR:$MASTER_PORT, container $CONTAINER"
     sh_log "run dir $RUN_DIR, data ${DATA_DIR:-<config default>}, MLflow $MLFLOW_TRACKING_URI"
+}
+
+# CONTAINER=podman (podman, podman-hpc): each task runs `podman run` of IMAGE. The container shares the
+# host's network and IPC namespaces (ranks reach MASTER_ADDR and share memory as without a container),
+# gets the job's environment by name (podman does not inherit it), the mounts at the same paths, and runs
+# as the job's user (rootless podman: --userns=keep-id), so files on shared storage are yours as with
+# CONTAINER=none. --init: a small init as PID 1 passes SIGUSR1/SIGTERM from srun (podman relays them) on
+# to the rank (a plain scancel: podman relays SIGTERM, the rank checkpoints, its container ends with
+# it). The label finds a job's containers: podman ps --filter label=scale-hyper.slurm-job=<id>.
+SH_PODMAN_ENV=('SLURM_*' MASTER_ADDR MASTER_PORT RANK LOCAL_RANK WORLD_SIZE OMP_NUM_THREADS 'MLFLOW_*'
+    'NCCL_*' 'TORCH_NCCL_*' 'GLOO_*' 'DEEPSPEED_*' 'SCALE_HYPER_*' PYTHONFAULTHANDLER PYTHONUNBUFFERED
+    CUDA_VISIBLE_DEVICES HF_HUB_OFFLINE HF_DATASETS_OFFLINE TRANSFORMERS_OFFLINE TOKENIZERS_PARALLELISM)
+sh_podman_exec() {
+    local mounts=$1 m env
+    shift
+    SH_EXEC=(podman run --rm --init --network host --ipc host --label "scale-hyper.slurm-job=$SLURM_JOB_ID"
+        --workdir "$PWD" --entrypoint "")
+    if [[ $(id -u) == 0 ]]; then SH_EXEC+=(--user 0:0); else SH_EXEC+=(--userns=keep-id); fi
+    (( GPUS_PER_NODE > 0 )) && SH_EXEC+=(--device nvidia.com/gpu=all)   # CDI (nvidia-container-toolkit)
+    local list=()
+    IFS=, read -r -a list <<<"$mounts"
+    for m in "${list[@]}"; do SH_EXEC+=(--volume "$m"); done
+    for env in "${SH_PODMAN_ENV[@]}"; do SH_EXEC+=(--env "$env"); done
+    SH_EXEC+=("$@" "$IMAGE")
 }
 
 # The srun options shared by all steps.

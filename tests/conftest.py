@@ -16,6 +16,8 @@
 
 import os
 import shutil
+import time
+from pathlib import Path
 
 import pytest
 
@@ -72,6 +74,28 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.slurm)
         if not item.get_closest_marker("xdist_group"):
             item.add_marker(pytest.mark.xdist_group(_group(item)))
+    # The image tests last: in CI the image builds in the background meanwhile (.ci/run, wait_for_image).
+    items.sort(key=lambda item: item.get_closest_marker("image") is not None)
+
+
+IMAGE_STATUS_ENV = "SCALE_HYPER_IMAGE_STATUS"
+
+
+def wait_for_image(timeout_s: float = 45 * 60) -> None:
+    """In CI the image is built in the background while other tests run (.ci/run): wait for its
+    status file, and give up through unavailable() with the build log's tail when the build failed."""
+    status = os.environ.get(IMAGE_STATUS_ENV)
+    if not status:
+        return  # built beforehand (locally: bash .ci/build-image.sh)
+    path, deadline = Path(status), time.monotonic() + timeout_s
+    while not path.exists() or not path.read_text().strip():
+        if time.monotonic() > deadline:
+            unavailable(f"the background image build did not finish in {timeout_s / 60:.0f} min ({status}.log)")
+        time.sleep(5)
+    if path.read_text().strip() != "0":
+        log = Path(status + ".log")
+        last = log.read_text(errors="replace")[-3000:] if log.exists() else "(no log)"
+        unavailable(f"the background image build failed (exit {path.read_text().strip()}):\n{last}")
 
 
 # One S3-compatible server per session for the tests that take the `s3_server`/`s3` fixtures (tests/s3_server.py).
