@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from scale_hyper.config.errors import is_user_error
-from scale_hyper.dist import map_launcher_env, pick_device
+from scale_hyper.launch import map_launcher_env, pick_device
 
 NODE_GPUS = 4
 

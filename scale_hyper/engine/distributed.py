@@ -9,7 +9,7 @@ group was given. That is why a rank stopped with SIGSTOP once went unnoticed for
 others waited in DeepSpeed's gradient all-reduce, on its data-parallel group.
 
 The launcher-environment mapping (srun's SLURM_PROCID/SLURM_LOCALID/SLURM_NTASKS onto the
-torch.distributed names) and the device choice live in ``scale_hyper.dist``, shared with ``doctor``.
+torch.distributed names) and the device choice live in ``scale_hyper.launch``, shared with ``doctor``.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from scale_hyper.dist import map_launcher_env, pick_device
+from scale_hyper.launch import map_launcher_env, pick_device
 from scale_hyper.engine.heartbeat import Timings
 
 __all__ = ["DistInfo", "all_groups_wait", "init_distributed", "map_launcher_env", "pick_device"]

@@ -5,6 +5,6 @@ Below ``engine`` and ``doctor`` in the import layers, so both form their process
 same mapping (``engine/distributed.py`` initialises DeepSpeed's; ``doctor`` a plain torch one).
 """
 
-from scale_hyper.dist.launcher import first_slurm_host, free_port, map_launcher_env, pick_device
+from scale_hyper.launch.launcher import first_slurm_host, free_port, map_launcher_env, pick_device
 
 __all__ = ["first_slurm_host", "free_port", "map_launcher_env", "pick_device"]
