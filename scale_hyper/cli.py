@@ -81,7 +81,7 @@ def _params(args: argparse.Namespace) -> int:
 
 def _prepare(args: argparse.Namespace) -> int:
     run = _writing_config(args.configs, "prepare")  # before the heavy imports: they write caches
-    from scale_hyper.data import prepare
+    from scale_hyper.prepare import main as prepare
 
     step = "plan" if args.plan else "merge" if args.merge else "all"
     return prepare.main(run, args.task, args.tasks, step)

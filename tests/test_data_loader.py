@@ -15,8 +15,10 @@ import pytest
 import torch
 
 from scale_hyper.config.schema import DataConfig
-from scale_hyper.data import ensure_prepared, resplit_cursor, train_loader, val_loader
+from scale_hyper.data import resplit_cursor, train_loader, val_loader
 from scale_hyper.data import shards as shardlib
+from scale_hyper.prepare import ensure_prepared
+from scale_hyper.prepare.shard_writer import write_arrays
 
 V, S = 1000, 16
 
@@ -34,7 +36,7 @@ def _synthetic(out, sizes, val_sizes=(), seed=0):
             gid += n
     if not val_sizes:
         del arrays["val"]
-    return shardlib.write_arrays(str(out), arrays, V, sequences_per_block=8)
+    return write_arrays(str(out), arrays, V, sequences_per_block=8)
 
 
 def _cfg(out, **kw):
@@ -88,7 +90,7 @@ def test_two_ranks_two_workers_cover_each_sequence_once_per_epoch(synth):
 def test_attention_mask_only_for_batches_with_padding(tmp_path):
     rows = np.random.default_rng(0).integers(5, V, size=(32, S))
     rows[3, S - 5 :] = 0  # one padded sequence (the packer pads only a split's last one)
-    manifest = shardlib.write_arrays(str(tmp_path / "d"), {"train": [rows]}, V, sequences_per_block=8)
+    manifest = write_arrays(str(tmp_path / "d"), {"train": [rows]}, V, sequences_per_block=8)
     loader = train_loader(_cfg(tmp_path / "d"), manifest, seed=0, rank=0, world_size=1, micro_batch_size=8)
     batches = _take(loader, loader.batches_per_epoch)
     padded = [b for b in batches if (b["input_ids"] == 0).any()]
@@ -244,7 +246,7 @@ def test_corrupt_shard_is_skipped_or_fails(tmp_path, caplog):
 def test_out_of_range_ids_and_pickles_are_refused(tmp_path):
     bad = np.full((16, S), 7)
     bad[3, 5] = V + 5
-    manifest = shardlib.write_arrays(str(tmp_path / "d"), {"train": [np.full((16, S), 6), bad]}, V)
+    manifest = write_arrays(str(tmp_path / "d"), {"train": [np.full((16, S), 6), bad]}, V)
     with pytest.raises(ValueError, match=r"shard train-000001.tar: token id 1005 is outside the vocabulary"):
         _take(
             train_loader(

@@ -17,8 +17,10 @@ from test_data_loader import _ids, _same, _take
 from scale_hyper.config import load_config
 from scale_hyper.config.model import ConfigError
 from scale_hyper.config.schema import DataConfig, MixtureSource
-from scale_hyper.data import ensure_prepared, resplit_cursor, train_loader
+from scale_hyper.data import resplit_cursor, train_loader
 from scale_hyper.data import shards as shardlib
+from scale_hyper.prepare import ensure_prepared
+from scale_hyper.prepare.shard_writer import write_arrays
 
 V, S, B_OFFSET, C_OFFSET = 1000, 16, 50_000, 100_000
 
@@ -32,7 +34,7 @@ def _source(out, sizes, offset, seed):
         rows[:, 0], rows[:, 1], rows[:, 2] = 2, 5 + g % 900, 5 + g // 900
         parts.append(rows)
         gid += n
-    return shardlib.write_arrays(str(out), {"train": parts}, V, sequences_per_block=8)
+    return write_arrays(str(out), {"train": parts}, V, sequences_per_block=8)
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 
 from scale_hyper.config.schema import DataConfig
-from scale_hyper.data import check_vocab, ensure_prepared, load_tokenizer
+from scale_hyper.data import check_vocab, load_tokenizer
 from scale_hyper.data import shards as shardlib
+from scale_hyper.prepare import ensure_prepared
 
 SMALL = dict(source="stdlib", max_documents=100, vocab_size=512, seq_len=64, prepare_workers=2, num_workers=0)
 
@@ -171,7 +172,7 @@ def test_datasets_and_file_sources_agree(tmp_path, monkeypatch):
 
 def test_txt_source_and_bad_source(tmp_path):
     (tmp_path / "a.txt").write_text("First paragraph about functions and classes.\n\nSecond one.\n")
-    from scale_hyper.data.sources import iter_documents
+    from scale_hyper.prepare.sources import iter_documents
 
     assert list(iter_documents(_cfg(tmp_path / "o", source=str(tmp_path / "a.txt")))) == [
         "First paragraph about functions and classes.",
@@ -190,7 +191,7 @@ def test_token_dtype_for_large_vocabularies():
 def test_cli_entry_points(prepared, capsys):
     from scale_hyper.bench import data as bench
     from scale_hyper.config import load_config
-    from scale_hyper.data import prepare
+    from scale_hyper.prepare import main as prepare
 
     cfg, m = prepared
     run = load_config([f"data.{k}={v}" for k, v in dataclasses.asdict(cfg).items() if v is not None])

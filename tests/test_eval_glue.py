@@ -59,8 +59,9 @@ def write_tasks(root: Path, n_train: int = 48, n_dev: int = 24) -> Path:
 
 def tiny_hf_dir(path: Path, mixer: str) -> Path:
     """A tiny randomly initialised MLM saved as a Hugging Face directory, with a WordPiece tokenizer."""
-    from scale_hyper.data.tokenizer import tokenizer_files, train_wordpiece
+    from scale_hyper.data.tokenizer import tokenizer_files
     from scale_hyper.models import ModelConfig, build_model
+    from scale_hyper.prepare.wordpiece import train_wordpiece
 
     texts = [" ".join(POS + NEG + FILL)] * 20
     tok = train_wordpiece(texts, 128)

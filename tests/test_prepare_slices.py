@@ -14,8 +14,9 @@ import threading
 import pytest
 
 from scale_hyper.config.schema import DataConfig
-from scale_hyper.data import ensure_prepared, prepare, sources
-from scale_hyper.data.slices import PrepareError
+from scale_hyper.prepare import ensure_prepared, sources
+from scale_hyper.prepare import main as prepare
+from scale_hyper.prepare.slices import PrepareError
 
 # 100 stdlib documents in slices of 15 documents: 7 slices
 SMALL = dict(source="stdlib", max_documents=100, vocab_size=512, seq_len=64, num_workers=0, slice_documents=15)

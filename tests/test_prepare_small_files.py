@@ -14,8 +14,10 @@ from collections import defaultdict
 import pytest
 
 from scale_hyper.config.schema import DataConfig
-from scale_hyper.data import ensure_prepared, prepare, sources, train_loader
-from scale_hyper.data.slices import PrepareError
+from scale_hyper.data import train_loader
+from scale_hyper.prepare import ensure_prepared, sources
+from scale_hyper.prepare import main as prepare
+from scale_hyper.prepare.slices import PrepareError
 
 SMALL = dict(vocab_size=512, seq_len=64, num_workers=0, prepare_workers=1, tokenizer_train_chars=300_000)
 

@@ -21,9 +21,11 @@ from s3_server import DroppingProxy
 
 from scale_hyper.config import errors
 from scale_hyper.config.schema import DataConfig
-from scale_hyper.data import ensure_prepared, load_tokenizer, storage, train_loader
+from scale_hyper.data import load_tokenizer, storage, train_loader
 from scale_hyper.data import s3 as s3client
 from scale_hyper.data import shards as shardlib
+from scale_hyper.prepare import ensure_prepared
+from scale_hyper.prepare.shard_writer import manifest_bytes, write_arrays
 
 SMALL = dict(max_documents=30, vocab_size=256, seq_len=32, min_shards=4, prepare_workers=1, num_workers=0)
 V, S = 1000, 16
@@ -49,7 +51,7 @@ def proxy(s3, monkeypatch):
 
 def _synthetic(base: str, shards: int = 4, n: int = 64):
     rng = np.random.default_rng(0)
-    return shardlib.write_arrays(base, {"train": [rng.integers(5, V, size=(n, S)) for _ in range(shards)]}, V)
+    return write_arrays(base, {"train": [rng.integers(5, V, size=(n, S)) for _ in range(shards)]}, V)
 
 
 def _read(manifest, i: int) -> np.ndarray:
@@ -68,7 +70,7 @@ def test_prepare_writes_to_s3_and_the_loader_streams_the_same_batches_as_from_di
     assert "manifest.json" in keys and "tokenizer/tokenizer.json" in keys
     assert {s["name"] for s in manifest["splits"]["train"]["shards"]} <= set(keys)
     local = DataConfig(output=str(tmp_path / "local"), **SMALL)
-    assert shardlib.manifest_bytes(ensure_prepared(local, seed=0)) == shardlib.manifest_bytes(manifest)  # same bytes
+    assert manifest_bytes(ensure_prepared(local, seed=0)) == manifest_bytes(manifest)  # same bytes
     again = ensure_prepared(cfg, seed=0)  # found on the store this time
     assert again["location"] == s3.url("run1") and again["splits"] == manifest["splits"]
     a = _take(train_loader(cfg, manifest, seed=0, rank=0, world_size=1, micro_batch_size=8), 4)

@@ -17,9 +17,9 @@ from typing import Dict, List, Tuple
 
 import numpy as np
 
-from scale_hyper.data import shards as shardlib
 from scale_hyper.data.loader import train_loader
 from scale_hyper.data.masking import Masker, stream_key
+from scale_hyper.prepare.shard_writer import write_arrays
 
 SEQ_LENS = (128, 512)
 _TOKENS_PER_SHARD = 1 << 20
@@ -34,7 +34,7 @@ def _synthetic(tmp: str, seq_len: int, vocab_size: int) -> dict:
         rows = rng.integers(5, vocab_size, size=(n, seq_len), dtype=np.int64)
         rows[:, 0] = 2  # [CLS]
         parts.append(rows)
-    return shardlib.write_arrays(tmp, {"train": parts}, vocab_size)
+    return write_arrays(tmp, {"train": parts}, vocab_size)
 
 
 def _tokens_per_s(loader, seconds: float) -> float:

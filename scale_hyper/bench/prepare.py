@@ -22,9 +22,9 @@ import tempfile
 import time
 from typing import Dict
 
-from scale_hyper.data import merge as mergelib
-from scale_hyper.data import prepare as preplib
-from scale_hyper.data import sources
+from scale_hyper.prepare import main as preplib
+from scale_hyper.prepare import merge as mergelib
+from scale_hyper.prepare import sources
 
 REPEAT = 8
 

@@ -24,8 +24,8 @@ from typing import Any, Dict, Iterator, List, Tuple
 import numpy as np
 
 from scale_hyper.bench.prepare import cpu_seconds
-from scale_hyper.data import prepare as preplib
-from scale_hyper.data import sources
+from scale_hyper.prepare import main as preplib
+from scale_hyper.prepare import sources
 
 FILE_BYTES = (1024, 4096)
 TOKENIZER_CHARS = 10_000_000

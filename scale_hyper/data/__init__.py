@@ -1,15 +1,17 @@
-"""Data: corpus → tokenizer → packed WebDataset shards (``prepare``), and streaming MLM loaders.
+"""Data at run time: prepared WebDataset shards streamed as MLM batches, and what reads them.
 
-The public API (what the trainer uses)::
+Shards, manifest and tokenizer are read here (``shards``, ``tokenizer``, ``storage``/``s3`` for remote
+outputs); they are made by ``scale_hyper.prepare``, the layer above, which imports this package and
+never the reverse. The public API (what the trainer uses)::
 
-    manifest = ensure_prepared(cfg.data, seed=cfg.train.seed)  # rank 0; the others wait on a barrier
+    manifest = scale_hyper.prepare.ensure_prepared(cfg.data, seed=cfg.train.seed)  # rank 0 prepares
     check_vocab(manifest, cfg.model.vocab_size)
     loader = train_loader(cfg.data, manifest, seed=..., rank=r, world_size=w, micro_batch_size=b, state=None)
     vl = val_loader(cfg.data, manifest, rank=r, world_size=w, micro_batch_size=b, max_batches=n)
     tok = load_tokenizer(manifest)
     state = resplit_cursor(saved_cursors, rank=r, world_size=w)  # cursors are rank-independent
 
-Imports are lazy so that prepare's spawned tokenizer workers (which import
+Imports are lazy so that prepare's tokenizer worker processes (which import
 ``scale_hyper.data.tokenizer``) do not pay for torch and webdataset.
 """
 
@@ -19,8 +21,6 @@ import importlib
 from typing import Any, Dict
 
 _EXPORTS = {
-    "ensure_prepared": "scale_hyper.data.prepare",
-    "prepare": "scale_hyper.data.prepare",
     "train_loader": "scale_hyper.data.loader",
     "val_loader": "scale_hyper.data.validation",
     "resplit_cursor": "scale_hyper.data.cursor",

@@ -1,16 +1,12 @@
-"""The WordPiece tokenizer: train it, load an existing one, save it as a Hugging Face directory.
+"""The WordPiece tokenizer of prepared data: load it, check its specials, save it as a Hugging Face directory.
 
 Saved as ``<data.output>/tokenizer/`` holding ``tokenizer.json``, ``tokenizer_config.json`` and
 ``special_tokens_map.json``, which ``AutoTokenizer.from_pretrained(dir)`` and
 ``PreTrainedTokenizerFast.from_pretrained(dir)`` load offline. (In transformers 5,
 ``BertTokenizer(vocab_file=...)`` silently builds a broken all-[UNK] tokenizer, so we never go
-through a vocab file.)
+through a vocab file.) Training one, and encoding a corpus with it, is ``scale_hyper.prepare.wordpiece``.
 
-Training is made reproducible (see ``train_wordpiece``), and the vocabulary is renumbered
-canonically: the five specials first (``[PAD]=0 [UNK]=1 [CLS]=2 [SEP]=3 [MASK]=4``), then every
-other token sorted. WordPiece matches strings greedily, so ids carry no meaning beyond identity.
-
-This module must stay light to import: prepare's spawned tokenizer workers import it.
+This module must stay light to import: prepare's tokenizer worker processes import it.
 """
 
 from __future__ import annotations
@@ -18,69 +14,21 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections import Counter
-from typing import Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Dict, Tuple
 
 import numpy as np
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
 SPECIAL_TOKENS: Tuple[str, ...] = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 SPECIAL_KEYS: Tuple[str, ...] = ("pad", "unk", "cls", "sep", "mask")
 TOKENIZER_DIR = "tokenizer"
 
 
-def _bert_pipeline(tok: Tokenizer) -> Tokenizer:
+def bert_pipeline(tok: Tokenizer) -> Tokenizer:
     tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece(prefix="##")
     return tok
-
-
-def train_wordpiece(texts: Iterable[str], vocab_size: int) -> Tokenizer:
-    """A BERT-style (uncased) WordPiece vocabulary of at most ``vocab_size`` tokens, reproducibly.
-
-    ``tokenizers`` numbers the "##x" continuation characters in hash-map order, and merges with
-    equal counts are ordered by those ids, so two runs can pick different tokens at the vocabulary
-    cut-off. We fix every initial id up front: the alphabet (the most frequent characters, ties by
-    code point) is passed as ``initial_alphabet`` and its "##x" forms as extra special tokens, which
-    the trainer numbers first, in our order. Merges are then tie-broken identically on every run.
-    """
-    texts = texts if isinstance(texts, list) else list(texts)
-    if not texts:
-        raise ValueError("cannot train a tokenizer: data.source produced no text")
-    tok = _bert_pipeline(Tokenizer(models.WordPiece(unk_token="[UNK]", max_input_chars_per_word=100)))
-    counts: Counter = Counter()
-    for t in texts:
-        counts.update(tok.normalizer.normalize_str(t))  # type: ignore[union-attr]
-    for ch in [c for c in counts if c.isspace()]:
-        del counts[ch]  # whitespace only separates words
-    room = (vocab_size - len(SPECIAL_TOKENS)) // 2 - 1  # each character takes two entries: "x" and "##x"
-    limit = max(1, min(1000, vocab_size // 4, room))
-    alphabet = sorted(sorted(counts, key=lambda c: (-counts[c], c))[:limit])
-    trainer = trainers.WordPieceTrainer(
-        vocab_size=vocab_size,
-        min_frequency=2,
-        special_tokens=list(SPECIAL_TOKENS) + ["##" + c for c in alphabet],
-        initial_alphabet=alphabet,
-        limit_alphabet=len(alphabet),
-        continuing_subword_prefix="##",
-        show_progress=False,
-    )
-    tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
-    tok = canonicalize(tok)
-    if tok.get_vocab_size() > vocab_size:
-        raise ValueError(f"trained {tok.get_vocab_size()} tokens > data.vocab_size={vocab_size}; raise data.vocab_size")
-    return tok
-
-
-def canonicalize(tok: Tokenizer) -> Tokenizer:
-    """Renumber a trained WordPiece vocabulary deterministically (see the module docstring)."""
-    vocab = tok.get_vocab()
-    rest = sorted(t for t in vocab if t not in SPECIAL_TOKENS)
-    ordered = {t: i for i, t in enumerate(list(SPECIAL_TOKENS) + rest)}
-    out = _bert_pipeline(Tokenizer(models.WordPiece(vocab=ordered, unk_token="[UNK]", max_input_chars_per_word=100)))
-    out.add_special_tokens(list(SPECIAL_TOKENS))
-    return with_post_processor(out)
 
 
 def with_post_processor(tok: Tokenizer) -> Tokenizer:
@@ -101,7 +49,7 @@ def load_tokenizer_dir(path: str) -> Tokenizer:
     if os.path.isfile(tj):
         tok = Tokenizer.from_file(tj)
     elif os.path.isfile(vt):
-        tok = _bert_pipeline(Tokenizer(models.WordPiece.from_file(vt, unk_token="[UNK]")))
+        tok = bert_pipeline(Tokenizer(models.WordPiece.from_file(vt, unk_token="[UNK]")))
         tok.add_special_tokens([t for t in SPECIAL_TOKENS if tok.token_to_id(t) is not None])
         tok = with_post_processor(tok) if tok.token_to_id("[CLS]") is not None else tok
     else:
@@ -144,35 +92,6 @@ def file_hash(files: Dict[str, bytes]) -> str:
 
 def token_dtype(vocab_size: int) -> str:
     return "uint16" if vocab_size <= np.iinfo(np.uint16).max + 1 else "uint32"
-
-
-# --- prepare's tokenizer worker processes ---------------------------------------------------------
-
-_WORKER_TOK: Optional[Tokenizer] = None
-
-
-def init_worker(tokenizer_json: str) -> None:
-    global _WORKER_TOK
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core already
-    _WORKER_TOK = Tokenizer.from_str(tokenizer_json)
-
-
-def encode_chunk(texts: List[str]) -> Tuple[np.ndarray, np.ndarray]:
-    """Token ids of ``texts`` without specials: (all ids concatenated, per-document lengths)."""
-    assert _WORKER_TOK is not None, "init_worker() was not called"
-    return encode_with(_WORKER_TOK, texts)
-
-
-def encode_with(tok: Tokenizer, texts: List[str]) -> Tuple[np.ndarray, np.ndarray]:
-    encs = tok.encode_batch(texts, add_special_tokens=False)
-    lengths = np.fromiter((len(e.ids) for e in encs), dtype=np.int64, count=len(encs))
-    ids = np.fromiter(_chain_ids(encs), dtype=np.uint32, count=int(lengths.sum()))
-    return ids, lengths
-
-
-def _chain_ids(encs) -> Iterator[int]:
-    for e in encs:
-        yield from e.ids
 
 
 # --- loading a prepared tokenizer for Hugging Face users -------------------------------------------

@@ -45,7 +45,8 @@ class Trainer:
 
 def prepare_data(run: RunConfig, info: DistInfo) -> Dict[str, Any]:
     """Phase 1: the shards exist (rank 0 tokenizes, the others wait) and fit the model."""
-    from scale_hyper.data import check_vocab, ensure_prepared
+    from scale_hyper.data import check_vocab
+    from scale_hyper.prepare import ensure_prepared
 
     for change in init_from.adopt_geometry(run):  # train.init_from: the weights decide the architecture
         log(info, f"init_from {run.train.init_from}: {change}")

@@ -33,11 +33,12 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 
 from scale_hyper.data import shards as shardlib
-from scale_hyper.data import sources, storage
+from scale_hyper.data import storage
 from scale_hyper.data import tokenizer as toklib
-from scale_hyper.data.space import OutOfSpace, is_out_of_space
+from scale_hyper.prepare import shard_writer, sources, wordpiece
+from scale_hyper.prepare.space import OutOfSpace, is_out_of_space
 
-log = logging.getLogger("scale_hyper.data")
+log = logging.getLogger("scale_hyper.prepare")
 
 PLAN = "slices/plan.json"
 PLAN_FORMAT = "scale-hyper-prepare-plan"
@@ -111,7 +112,7 @@ def make_plan(data_cfg, config: Dict[str, Any], seed: int) -> Dict[str, Any]:
         tok = toklib.load_tokenizer_dir(data_cfg.tokenizer)
     else:
         log.info("training a WordPiece vocabulary of %d on %s", data_cfg.vocab_size, data_cfg.source)
-        tok = toklib.train_wordpiece(list(_training_texts(data_cfg)), data_cfg.vocab_size)
+        tok = wordpiece.train_wordpiece(list(_training_texts(data_cfg)), data_cfg.vocab_size)
     vocab = tok.get_vocab_size()
     if vocab > data_cfg.vocab_size:
         raise PrepareError(
@@ -177,12 +178,13 @@ def run_slice(data_cfg, plan: Dict[str, Any], tok, slice_id: int, docs: Optional
     seq_len, dtype, special = data_cfg.seq_len, plan["dtype"], plan["special_tokens"]
     bufs = {"train": io.BytesIO(), "val": io.BytesIO()}
     packers = {
-        k: shardlib.Packer(b, seq_len, special["cls"], special["sep"], special["pad"], dtype) for k, b in bufs.items()
+        k: shard_writer.Packer(b, seq_len, special["cls"], special["sep"], special["pad"], dtype)
+        for k, b in bufs.items()
     }
     frac, phase = float(data_cfg.val_fraction), _val_phase(plan["seed"], slice_id)
     index = 0
     for chunk in _chunks(sources.slice_documents(data_cfg, sl) if docs is None else iter(docs)):
-        ids, lengths = toklib.encode_with(tok, chunk)
+        ids, lengths = wordpiece.encode_with(tok, chunk)
         offsets = np.concatenate([[0], np.cumsum(lengths)])
         batch: Dict[str, List[np.ndarray]] = {"train": [], "val": []}
         for j in range(len(lengths)):
@@ -220,7 +222,7 @@ def run_slice(data_cfg, plan: Dict[str, Any], tok, slice_id: int, docs: Optional
 def _shard_bytes(data_cfg, plan, rows: Dict[str, np.ndarray]) -> int:
     """What a slice's shards take on disk, computed before they are written."""
     return sum(
-        shardlib.shard_file_bytes(size, data_cfg.seq_len, plan["dtype"], data_cfg.sequences_per_block)
+        shard_writer.shard_file_bytes(size, data_cfg.seq_len, plan["dtype"], data_cfg.sequences_per_block)
         for split, r in rows.items()
         for size in _shard_sizes(data_cfg, plan, len(r), split)
     )
@@ -265,7 +267,7 @@ def _write_split(data_cfg, plan, rows: np.ndarray, split: str, slice_id: int, pa
         part = rows[start : start + size]
         start += size
         entries.append(
-            shardlib.write_shard(
+            shard_writer.write_shard(
                 url, part, split, index, data_cfg.sequences_per_block, pad_id, data_cfg.allow_pipe, slice_id
             )
         )
@@ -277,5 +279,5 @@ def shard_sizes(n: int, per_shard: int, at_least: int = 1) -> List[int]:
     fewer than ``at_least`` shards, ``at_least`` shards of equal size (±1)."""
     full, rest = divmod(n, per_shard)
     if full + (rest > 0) < at_least:
-        return shardlib.even_sizes(n, at_least)
+        return shard_writer.even_sizes(n, at_least)
     return [per_shard] * full + ([rest] if rest else [])

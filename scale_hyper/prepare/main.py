@@ -36,14 +36,15 @@ import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, as_completed, wait
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
-from scale_hyper.data import merge as mergelib
 from scale_hyper.data import shards as shardlib
-from scale_hyper.data import slices as slicelib
-from scale_hyper.data import sources, space, storage
-from scale_hyper.data.slices import PrepareError
-from scale_hyper.data.space import OutOfSpace
+from scale_hyper.data import storage
+from scale_hyper.prepare import merge as mergelib
+from scale_hyper.prepare import slices as slicelib
+from scale_hyper.prepare import sources, space
+from scale_hyper.prepare.slices import PrepareError
+from scale_hyper.prepare.space import OutOfSpace
 
-log = logging.getLogger("scale_hyper.data")
+log = logging.getLogger("scale_hyper.prepare")
 
 # DataConfig keys that change what prepare writes; a manifest must agree on all of them.
 PREPARE_KEYS = (

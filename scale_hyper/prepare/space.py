@@ -37,7 +37,7 @@ def _mb(n: float) -> str:
 def remaining_need(data_cfg, plan: Dict[str, Any], todo: List[int], full: OutOfSpace) -> str:
     """What the slices of this task still to do need, from the slices written so far (their shards'
     bytes in their partial manifests) and the failed slice's own size."""
-    from scale_hyper.data.slices import read_partial  # slices imports this module
+    from scale_hyper.prepare.slices import read_partial  # slices imports this module
 
     sizes, left = [full.needed], 0
     for slice_id in todo:
@@ -54,7 +54,7 @@ def remaining_need(data_cfg, plan: Dict[str, Any], todo: List[int], full: OutOfS
 
 
 def no_space(data_cfg, reason: str, need: str = "") -> Exception:
-    from scale_hyper.data.slices import PrepareError  # slices imports this module
+    from scale_hyper.prepare.slices import PrepareError  # slices imports this module
 
     out = data_cfg.output
     free = ""

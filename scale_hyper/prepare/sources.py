@@ -24,7 +24,7 @@ import sysconfig
 from functools import lru_cache
 from typing import Any, Callable, Dict, Iterable, Iterator, List
 
-from scale_hyper.data import formats
+from scale_hyper.prepare import formats
 
 # stdlib parts whose docstrings are tests, vendored code or GUI demos, not documentation.
 _SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__", "turtledemo"}

@@ -11,7 +11,8 @@ from typing import Any, Dict, List, Optional
 
 from scale_hyper.data import shards as shardlib
 from scale_hyper.data import storage
-from scale_hyper.data.slices import PLAN, PrepareError, partial_name, plan_sha, read_partial, slice_files
+from scale_hyper.prepare import shard_writer
+from scale_hyper.prepare.slices import PLAN, PrepareError, partial_name, plan_sha, read_partial, slice_files
 
 
 def missing_slices(data_cfg, plan: Dict[str, Any]) -> List[int]:
@@ -65,7 +66,7 @@ def merge(data_cfg, plan: Dict[str, Any]) -> Dict[str, Any]:
         documents[split] = sum(p["documents"][split] for p in partials)  # type: ignore[index]
     if splits["train"]["sequences"] == 0:
         raise PrepareError(f"data.source={data_cfg.source!r} produced no training sequences — check data.source")
-    manifest = shardlib.make_manifest(
+    manifest = shard_writer.make_manifest(
         config=plan["config"],
         source=plan["source"],
         seed=plan["seed"],
@@ -83,5 +84,7 @@ def merge(data_cfg, plan: Dict[str, Any]) -> Dict[str, Any]:
     manifest["slice_files"] = slice_files(plan)
     manifest["loader_deal"] = shardlib.DEAL_BY_SEQUENCES  # added field: shards of unequal size (shards.py)
     out = data_cfg.output
-    storage.write_bytes(storage.join(out, shardlib.MANIFEST), shardlib.manifest_bytes(manifest), data_cfg.allow_pipe)
+    storage.write_bytes(
+        storage.join(out, shardlib.MANIFEST), shard_writer.manifest_bytes(manifest), data_cfg.allow_pipe
+    )
     return shardlib.load_manifest(out, data_cfg.allow_pipe)  # type: ignore[return-value]
