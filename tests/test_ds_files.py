@@ -113,3 +113,23 @@ def test_a_directory_without_model_states_names_what_it_holds(tmp_path):
     (tmp_path / "rank_0.pt").write_bytes(b"")
     with pytest.raises(ds_files.LayoutError, match="found: rank_0.pt — .* pass another checkpoint"):
         ds_files.detect(tmp_path)
+
+
+class Payload:
+    """Stands for any object a tampered checkpoint could carry: unpickling it would call its code."""
+
+    def __reduce__(self):
+        return (print, ("this ran while the checkpoint was read",))
+
+
+def test_a_file_with_a_foreign_object_is_not_unpickled(saved, tmp_path, capsys):
+    """export/eval/init_from read DeepSpeed's files weights_only (DeepSpeed's four classes allowed)."""
+    ckpt = tmp_path / "tampered"
+    ckpt.mkdir()
+    for f in (saved / "z2_fp32" / "t").iterdir():
+        (ckpt / f.name).write_bytes(f.read_bytes())
+    states = ds_files._load(ckpt / ds_files.MODEL_STATES)
+    torch.save({**states, "extra": Payload()}, ckpt / ds_files.MODEL_STATES)
+    with pytest.raises(ds_files.LayoutError, match="outside the tensors and DeepSpeed classes .* not loaded"):
+        ds_files.fp32_state_dict(ckpt, groups_of)
+    assert "this ran" not in capsys.readouterr().out

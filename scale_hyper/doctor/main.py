@@ -22,9 +22,9 @@ import torch.distributed as dist
 
 from scale_hyper.config import ConfigError, RunConfig
 from scale_hyper.config.batch import global_batch, split_batch
-from scale_hyper.launch import free_port, map_launcher_env, pick_device
 from scale_hyper.doctor import collectives, environment, kernels, storage, training
 from scale_hyper.doctor.results import CHECKS, FAIL, SKIPPED, Result, format_table, overall
+from scale_hyper.launch import free_port, map_launcher_env, pick_device
 
 STORAGE_BYTES = {"cuda": 256 << 20, "cpu": 32 << 20}
 

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
-from scale_hyper.launch import map_launcher_env, pick_device
 from scale_hyper.engine.heartbeat import Timings
+from scale_hyper.launch import map_launcher_env, pick_device
 
 __all__ = ["DistInfo", "all_groups_wait", "init_distributed", "map_launcher_env", "pick_device"]
 

@@ -22,6 +22,7 @@ kind's reader.
 from __future__ import annotations
 
 import os
+import pickle
 import re
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -58,9 +59,29 @@ class Layout:
         return f"ZeRO-{self.stage} {self.precision} ({self.kind}, {self.ranks} rank{'s' * (self.ranks > 1)})"
 
 
-def _load(path: Path) -> Dict[str, Any]:
-    # DeepSpeed pickles its own classes (LossScaler, enums, fragment_address): not weights_only.
-    return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+def _deepspeed_globals() -> List[Any]:
+    """The only non-tensor classes DeepSpeed 0.19.8 pickles into its checkpoint files (found with
+    torch.serialization.get_unsafe_globals_in_checkpoint over every layout tests/test_ds_files.py saves)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def _load(path: Path, mmap: bool = True) -> Any:
+    """weights_only=True with DeepSpeed's few classes allowed: export, eval and init_from never run a
+    pickle's code, so they are the safe way to take weights from an untrusted checkpoint."""
+    with torch.serialization.safe_globals(_deepspeed_globals()):
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        except pickle.UnpicklingError as err:
+            first = str(err).strip().splitlines()[0][:200]
+            raise LayoutError(
+                f"{path} holds an object outside the tensors and DeepSpeed classes a checkpoint needs ({first}) — "
+                "it was not loaded (loading it could run code); take the weights from where the checkpoint was "
+                "written and trusted (scale-hyper export there)"
+            ) from None
 
 
 def _by_rank(files: Sequence[Path], pattern: re.Pattern) -> Tuple[Path, ...]:
@@ -167,7 +188,7 @@ def _from_universal(states: Dict[str, Any], ckpt: Path) -> Dict[str, torch.Tenso
     and the flat tensor from ZeRO-3."""
     out = OrderedDict()
     for name, shape in _param_shapes(states).items():
-        saved = torch.load(ckpt / "zero" / name / "fp32.pt", map_location="cpu", weights_only=False)
+        saved = _load(ckpt / "zero" / name / "fp32.pt", mmap=False)
         tensor = saved["param"] if isinstance(saved, dict) else saved
         out[name] = tensor.float().reshape(shape)
     return out
