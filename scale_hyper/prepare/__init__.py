@@ -3,11 +3,12 @@
 ``main`` is the verb (plan → slices → merge, over tasks and worker processes; ``ensure_prepared`` is
 what ``train`` calls); ``sources`` and ``formats`` read the corpus, ``wordpiece`` trains the tokenizer
 and encodes documents, ``slices`` makes the plan and turns one slice into shards (``shard_writer``) and
-a partial manifest, ``merge`` writes ``manifest.json``, ``space`` turns a full disk into one line.
+a partial manifest, ``merge`` writes ``manifest.json``, ``space`` turns a full disk into one line
+(``progress``, a documents/tokens progress line, is not called by the verb today).
 What the shards, manifest and tokenizer look like to their readers is ``scale_hyper.data`` (the
 layer below: this package imports it, never the reverse).
 
-Imports are lazy: ``import scale_hyper.prepare`` loads nothing heavy (the CLI imports it for `--help`-free paths).
+Imports are lazy: ``import scale_hyper.prepare`` loads none of its modules (nor torch or webdataset).
 """
 
 from __future__ import annotations

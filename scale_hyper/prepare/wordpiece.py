@@ -35,7 +35,7 @@ def train_wordpiece(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     tok = bert_pipeline(Tokenizer(models.WordPiece(unk_token="[UNK]", max_input_chars_per_word=100)))
     counts: Counter = Counter()
     for t in texts:
-        counts.update(tok.normalizer.normalize_str(t))  # type: ignore[union-attr]
+        counts.update(tok.normalizer.normalize_str(t))
     for ch in [c for c in counts if c.isspace()]:
         del counts[ch]  # whitespace only separates words
     room = (vocab_size - len(SPECIAL_TOKENS)) // 2 - 1  # each character takes two entries: "x" and "##x"
