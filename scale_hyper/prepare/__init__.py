@@ -3,8 +3,8 @@
 ``main`` is the verb (plan → slices → merge, over tasks and worker processes; ``ensure_prepared`` is
 what ``train`` calls); ``sources`` and ``formats`` read the corpus, ``wordpiece`` trains the tokenizer
 and encodes documents, ``slices`` makes the plan and turns one slice into shards (``shard_writer``) and
-a partial manifest, ``merge`` writes ``manifest.json``, ``space`` turns a full disk into one line
-(``progress``, a documents/tokens progress line, is not called by the verb today).
+a partial manifest, ``merge`` writes ``manifest.json``, ``space`` turns a full disk into one line.
+Progress: one log line per finished slice (rank/task-local, with the tokens per second).
 What the shards, manifest and tokenizer look like to their readers is ``scale_hyper.data`` (the
 layer below: this package imports it, never the reverse).
 

@@ -10,9 +10,8 @@ This module must stay light to import: prepare's tokenizer worker processes impo
 
 from __future__ import annotations
 
-import os
 from collections import Counter
-from typing import Iterable, Iterator, List, Optional, Tuple
+from typing import Iterable, Iterator, List, Tuple
 
 import numpy as np
 from tokenizers import Tokenizer, models, trainers
@@ -65,23 +64,6 @@ def canonicalize(tok: Tokenizer) -> Tokenizer:
     out = bert_pipeline(Tokenizer(models.WordPiece(vocab=ordered, unk_token="[UNK]", max_input_chars_per_word=100)))
     out.add_special_tokens(list(SPECIAL_TOKENS))
     return with_post_processor(out)
-
-
-# --- prepare's tokenizer worker processes ---------------------------------------------------------
-
-_WORKER_TOK: Optional[Tokenizer] = None
-
-
-def init_worker(tokenizer_json: str) -> None:
-    global _WORKER_TOK
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core already
-    _WORKER_TOK = Tokenizer.from_str(tokenizer_json)
-
-
-def encode_chunk(texts: List[str]) -> Tuple[np.ndarray, np.ndarray]:
-    """Token ids of ``texts`` without specials: (all ids concatenated, per-document lengths)."""
-    assert _WORKER_TOK is not None, "init_worker() was not called"
-    return encode_with(_WORKER_TOK, texts)
 
 
 def encode_with(tok: Tokenizer, texts: List[str]) -> Tuple[np.ndarray, np.ndarray]:
