@@ -1,6 +1,6 @@
 """`python -m scale_hyper` (also what `deepspeed --module scale_hyper` runs)."""
 
-from scale_hyper.cli import main
+from scale_hyper.cli import run
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run()

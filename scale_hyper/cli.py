@@ -87,21 +87,16 @@ def _prepare(args: argparse.Namespace) -> int:
     return prepare.main(run, args.task, args.tasks, step)
 
 
+_FINISHED_DISTRIBUTED_TRAIN = False  # set by _train: run() then leaves without the interpreter's teardown
+
+
 def _train(args: argparse.Namespace) -> int:
     run = _writing_config(args.configs, "train")  # before torch: its import writes caches
     from scale_hyper.engine import train
 
+    global _FINISHED_DISTRIBUTED_TRAIN
     code = train.main(run)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        # Leave without the interpreter's teardown: it destroys gloo's and the rendezvous store's C++
-        # objects in no fixed order across ranks, and a thread still inside one of them aborts the
-        # process after a finished run (seen under srun). atexit handlers (tracker, loader) still run.
-        import atexit
-
-        atexit._run_exitfuncs()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+    _FINISHED_DISTRIBUTED_TRAIN = int(os.environ.get("WORLD_SIZE", "1")) > 1
     return code
 
 
@@ -345,3 +340,15 @@ def main(argv: Optional[List[str]] = None) -> int:
         if errors.is_user_error(err):
             return errors.report(err)
         raise
+
+
+def run() -> None:
+    """The process entry (the ``scale-hyper`` script, ``python -m scale_hyper``): ``main``, then exit.
+    After a multi-rank ``train`` the process leaves without the interpreter's teardown
+    (``scale_hyper/launch/leave.py``)."""
+    code = main()
+    if _FINISHED_DISTRIBUTED_TRAIN:
+        from scale_hyper.launch.leave import leave_now
+
+        leave_now(code)
+    raise SystemExit(code)

@@ -198,6 +198,11 @@ COVERED: Dict[Tuple[str, str], str] = {
     ("README.md", "torchrun --nproc_per_node 2 -m scale_hyper train deepspeed.zero_stage=3"): (
         "tests/test_batch_resume.py::test_readme_torchrun_line_runs_as_written (and checks the micro × accumulation split)"
     ),
+    ("README.md", "scale-hyper checkpoint verify runs/default"): (
+        "tests/test_checkpoint_integrity.py::test_a_damaged_newest_checkpoint_is_named_set_aside_and_the_run_resumes_"
+        "from_the_newest_intact (verify on a run directory: intact and damaged checkpoints; runs/default is made by "
+        "the torchrun line above, itself covered)"
+    ),
     ("README.md", "torchrun --nproc_per_node 2 -m scale_hyper doctor deepspeed.zero_stage=3 --json"): (
         "tests/test_doctor.py::test_two_rank_doctor_fp32_under_torchrun (the same launch; checks every row)"
     ),

@@ -15,6 +15,7 @@ The trainer runs through ``runpy`` exactly as ``python -m scale_hyper train`` wo
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import resource
@@ -82,18 +83,28 @@ def main(argv: list) -> int:
     record: Dict[str, Any] = {"rank": int(os.environ.get("RANK", "0"))}
     _instrument(record)
     sys.argv = ["scale_hyper", *args]
-    code: Any = 0
+
+    def write(code: Any) -> int:
+        if "exit" not in record:  # once: from the atexit handler or after the run returned
+            shared = record.pop("shared", [])
+            if shared:
+                record["resident_at_end"] = all(getattr(p, "ds_persist", False) for p in shared)
+            record.update(_peak_memory(), exit=code if isinstance(code, int) else 1)
+            with open(out, "w") as f:
+                json.dump(record, f)
+        return record["exit"]
+
+    # A finished multi-rank train leaves through launch.leave.leave_now (no interpreter teardown),
+    # which runs the atexit handlers first: this one records its exit code.
+    from scale_hyper.launch import leave
+
+    atexit.register(lambda: write(leave.exit_code))
     try:
         runpy.run_module("scale_hyper", run_name="__main__", alter_sys=True)
+        code: Any = 0
     except SystemExit as done:
         code = done.code
-    shared = record.pop("shared", [])
-    if shared:
-        record["resident_at_end"] = all(getattr(p, "ds_persist", False) for p in shared)
-    record.update(_peak_memory(), exit=code if isinstance(code, int) else 1)
-    with open(out, "w") as f:
-        json.dump(record, f)
-    return record["exit"]
+    return write(code)
 
 
 if __name__ == "__main__":

@@ -108,8 +108,10 @@ def consolidated_state_dict(ckpt: PathLike) -> Dict[str, torch.Tensor]:
     from scale_hyper.models.params import weight_decay_groups
     from scale_hyper.runs import ds_files
 
-    decay_embeddings = run_config_of(ckpt).train.decay_embeddings
-    return ds_files.fp32_state_dict(ckpt, lambda shapes: weight_decay_groups(shapes, decay_embeddings))
+    def groups_of(shapes):  # only ZeRO-0 bf16/fp16 needs the groups: read the config only then
+        return weight_decay_groups(shapes, run_config_of(ckpt).train.decay_embeddings)
+
+    return ds_files.fp32_state_dict(ckpt, groups_of)
 
 
 def load_strict(
