@@ -38,6 +38,7 @@ from typing import Any, Callable, Dict, List, Optional
 HUNG_EXIT = 5  # the exit code of every live rank when a rank went silent (slurm/common.sh requeues on it)
 _DONE = 1 << 40  # added to a counter by a rank that leaves normally: never named afterwards
 _PREFIX = "scale_hyper/heartbeat/"
+_LAST_WAIT_S = 60.0  # the longest rank 0 waits at the end for the other ranks to leave
 
 
 @dataclass(frozen=True)
@@ -142,6 +143,30 @@ class Heartbeats:
         # active exception") after a successful run.
         for thread in self._threads:
             thread.join(self.t.interval_s)
+        if self.rank == 0:
+            _bounded(self._wait_for_the_others, _LAST_WAIT_S + 1, None)
+
+    def _wait_for_the_others(self) -> None:
+        """Rank 0 hosts the rendezvous store and is a peer in the last collectives: gone before the
+        others, it fails their last collective or store call (a broken pipe: exit 4 after a checkpoint
+        was saved). It leaves once every other rank has left, or stopped beating for 3 intervals (dead
+        or hung: not waited for), or after _LAST_WAIT_S."""
+        keys = [self._key(r) for r in self.watched]
+        seen: Dict[int, List[float]] = {}
+        deadline = time.monotonic() + _LAST_WAIT_S
+        while time.monotonic() < deadline:
+            now = time.monotonic()
+            pending = []
+            for r, v in zip(self.watched, (int(v) for v in self._store.multi_get(keys)), strict=True):
+                if v >= _DONE:
+                    continue
+                if r not in seen or seen[r][0] != v:
+                    seen[r] = [v, now]
+                if now - seen[r][1] < 3 * self.t.interval_s:
+                    pending.append(r)
+            if not pending:
+                return
+            time.sleep(0.05)
 
     # --- the beat thread: the only one that waits on the store in a loop ------------------------------
 
@@ -158,9 +183,7 @@ class Heartbeats:
                     verdict = json.loads(store.get(_PREFIX + "verdict")) if store.add(_PREFIX + "verdicts", 0) else None
             except Exception:  # the store's host is gone: its counter stays frozen, the judge decides
                 values, verdict = None, None
-            self._record(values, verdict)
-            if self.rank != 0 and values and values[0] >= _DONE:
-                return  # rank 0 left normally: its store goes away with it, and nobody watches us
+            self._record(values, verdict)  # rank 0 leaves only after every rank left (_wait_for_the_others)
             self._stop.wait(self.t.interval_s)
 
     def _record(self, values: Optional[List[int]], verdict: Optional[dict]) -> None:

@@ -66,7 +66,9 @@ def _deepspeed_globals() -> List[Any]:
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
 
-    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+    # getattr: Python 3.12 pickles an enum member as getattr(ZeroStageEnum, "name") (the images' Python).
+    # The unpickler still calls nothing outside this list, so getattr only reads attributes.
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address, getattr]
 
 
 def _load(path: Path, mmap: bool = True) -> Any:
@@ -76,7 +78,8 @@ def _load(path: Path, mmap: bool = True) -> Any:
         try:
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
         except pickle.UnpicklingError as err:
-            first = str(err).strip().splitlines()[0][:200]
+            named = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+            first = f"{named.group(1)}" if named else str(err).strip().splitlines()[0][:200]
             raise LayoutError(
                 f"{path} holds an object outside the tensors and DeepSpeed classes a checkpoint needs ({first}) — "
                 "it was not loaded (loading it could run code); take the weights from where the checkpoint was "
@@ -138,6 +141,10 @@ def fp32_state_dict(ckpt: PathLike, groups_of: Optional[GroupsOf] = None) -> Dic
     if layout.kind == "zero":
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+        # DeepSpeed's reader unpickles with weights_only=False: every file's pickle is checked first
+        # (mapped, so only the pickle itself is read) and a file with a foreign object is refused.
+        for f in (*layout.model_files, *layout.optim_files):
+            _load(f)
         state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
         return {k: _fp32(v) for k, v in state.items()}
     states = _load(layout.model_files[0])
