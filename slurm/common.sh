@@ -191,6 +191,7 @@ sh_setup() {
     # __NODE_RANK__ in the command becomes this task's SLURM_NODEID.
     # shellcheck disable=SC2016  # expanded by the task's bash, not here
     SH_TASK=(bash -c 'trap "" USR1; exec "${@//__NODE_RANK__/$SLURM_NODEID}"' scale-hyper-task)
+    [[ $CONTAINER == podman ]] && SH_TASK=(bash -c "$SH_PODMAN_TASK" scale-hyper-podman-task)  # see SH_PODMAN_TASK
 
     sh_log "job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NODELIST:" \
         "$NNODES node(s) x $PROCS_PER_NODE rank(s) = world $WORLD_SIZE, GPUs/node $GPUS_PER_NODE," \
@@ -198,20 +199,67 @@ sh_setup() {
     sh_log "run dir $RUN_DIR, data ${DATA_DIR:-<config default>}, MLflow $MLFLOW_TRACKING_URI"
 }
 
-# CONTAINER=podman (podman, podman-hpc): each task runs `podman run` of IMAGE. The container shares the
+# CONTAINER=podman (podman, podman-hpc): each task runs one container of IMAGE. The container shares the
 # host's network and IPC namespaces (ranks reach MASTER_ADDR and share memory as without a container),
 # gets the job's environment by name (podman does not inherit it), the mounts at the same paths, and runs
 # as the job's user (rootless podman: --userns=keep-id), so files on shared storage are yours as with
-# CONTAINER=none. --init: a small init as PID 1 passes SIGUSR1/SIGTERM from srun (podman relays them) on
-# to the rank (a plain scancel: podman relays SIGTERM, the rank checkpoints, its container ends with
-# it). The label finds a job's containers: podman ps --filter label=scale-hyper.slurm-job=<id>.
+# CONTAINER=none. The label finds a job's containers: podman ps --filter label=scale-hyper.slurm-job=<id>.
+#
+# Signals: not podman's own relay (--sig-proxy). scancel sends SIGCONT and SIGTERM to every process of
+# the step, and this script adds SIGUSR1: the `runc kill` that podman starts to forward one signal is
+# killed by the next, and podman then stops relaying and dies of the signal itself, leaving the rank's
+# container running without it (seen on the test cluster). So each task runs SH_PODMAN_TASK: `podman
+# run --sig-proxy=false` is started outside the task's process tree (its output still goes to the
+# task's), the task traps USR1/TERM and passes each to the container with `podman kill`, retried until
+# it lands, waits for the container and exits with its status. --init: a small init as PID 1 passes the
+# signal to the command, which ignores SIGUSR1 below the trainer as SH_TASK does without containers.
+# shellcheck disable=SC2016  # expanded by the task's bash
+SH_PODMAN_TASK='
+set -u
+name=scale-hyper-$SLURM_JOB_ID-${SLURM_STEP_ID:-0}-${SLURM_PROCID:-0}
+args=("${@//__NODE_RANK__/$SLURM_NODEID}")
+cmd=("${args[0]}" "${args[1]}" --name "$name" --sig-proxy=false)
+for a in "${args[@]:2}"; do [[ $a == --rm ]] || cmd+=("$a"); done
+relay() {
+    local i
+    for i in $(seq 40); do
+        podman kill --signal "$1" "$name" >/dev/null 2>&1 && return
+        [[ $(podman container inspect --format "{{.State.Running}}" "$name" 2>/dev/null) == true ]] || return
+        sleep 0.25
+    done
+}
+trap "relay USR1" USR1
+trap "relay TERM" TERM
+trap "" CONT
+podman rm -f "$name" >/dev/null 2>&1
+tmp=$(mktemp -d)
+( "${cmd[@]}" & echo $! >"$tmp/pid" )
+until podman container exists "$name" 2>/dev/null; do
+    kill -0 "$(cat "$tmp/pid")" 2>/dev/null || { rm -rf "$tmp"; echo "podman run failed: ${cmd[*]}" >&2; exit 125; }
+    sleep 0.2
+done
+code=
+while [[ -z $code ]]; do
+    podman wait "$name" >"$tmp/code" 2>/dev/null &
+    waiter=$!
+    while kill -0 "$waiter" 2>/dev/null; do wait "$waiter"; done
+    code=$(cat "$tmp/code")
+    if [[ -z $code ]] && [[ $(podman container inspect --format "{{.State.Running}}" "$name" 2>/dev/null) != true ]]; then
+        code=$(podman container inspect --format "{{.State.ExitCode}}" "$name" 2>/dev/null || echo 1)
+    fi
+done
+while kill -0 "$(cat "$tmp/pid")" 2>/dev/null; do sleep 0.1; done
+podman rm -f "$name" >/dev/null 2>&1
+rm -rf "$tmp"
+exit "$code"
+'
 SH_PODMAN_ENV=('SLURM_*' MASTER_ADDR MASTER_PORT RANK LOCAL_RANK WORLD_SIZE OMP_NUM_THREADS 'MLFLOW_*'
     'NCCL_*' 'TORCH_NCCL_*' 'GLOO_*' 'DEEPSPEED_*' 'SCALE_HYPER_*' PYTHONFAULTHANDLER PYTHONUNBUFFERED
     CUDA_VISIBLE_DEVICES HF_HUB_OFFLINE HF_DATASETS_OFFLINE TRANSFORMERS_OFFLINE TOKENIZERS_PARALLELISM)
 sh_podman_exec() {
     local mounts=$1 m env
     shift
-    SH_EXEC=(podman run --rm --init --network host --ipc host --label "scale-hyper.slurm-job=$SLURM_JOB_ID"
+    SH_EXEC=(podman run --init --network host --ipc host --label "scale-hyper.slurm-job=$SLURM_JOB_ID"
         --workdir "$PWD" --entrypoint "")
     if [[ $(id -u) == 0 ]]; then SH_EXEC+=(--user 0:0); else SH_EXEC+=(--userns=keep-id); fi
     (( GPUS_PER_NODE > 0 )) && SH_EXEC+=(--device nvidia.com/gpu=all)   # CDI (nvidia-container-toolkit)
@@ -219,7 +267,8 @@ sh_podman_exec() {
     IFS=, read -r -a list <<<"$mounts"
     for m in "${list[@]}"; do SH_EXEC+=(--volume "$m"); done
     for env in "${SH_PODMAN_ENV[@]}"; do SH_EXEC+=(--env "$env"); done
-    SH_EXEC+=("$@" "$IMAGE")
+    # shellcheck disable=SC2016  # expanded by the container's bash
+    SH_EXEC+=("$@" "$IMAGE" bash -c 'trap "" USR1; exec "$@"' scale-hyper-task)
 }
 
 # The srun options shared by all steps.

@@ -457,7 +457,7 @@ def test_single_node_template_in_containers_pauses_requeues_and_resumes(image, s
     info = job.wait(400, restarts=1)
     text = job.text()
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", text[-8000:]
-    assert "container podman" in text and "podman run --rm --init --network host --ipc host" in text
+    assert "container podman" in text and "podman run --init --network host --ipc host" in text
     assert "PyTorch extensions root" not in text
     saved = re.search(r"SIGUSR1.*checkpoint saved at step (\d+)", text)
     assert saved, text[-8000:]
@@ -468,7 +468,7 @@ def test_single_node_template_in_containers_pauses_requeues_and_resumes(image, s
         json.loads(line) for line in (tmp_path / "runs" / "podman-single" / "metrics.jsonl").read_text().splitlines()
     ]
     assert sorted(r["step"] for r in logged if "loss" in r) == list(range(1, steps + 1))  # none lost or repeated
-    assert job_containers(job.id) == []  # every task's container removed (--rm)
+    assert job_containers(job.id) == []  # every task's container removed (by its task, SH_PODMAN_TASK)
 
 
 @pytest.mark.image
