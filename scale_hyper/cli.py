@@ -87,17 +87,11 @@ def _prepare(args: argparse.Namespace) -> int:
     return prepare.main(run, args.task, args.tasks, step)
 
 
-_FINISHED_DISTRIBUTED_TRAIN = False  # set by _train: run() then leaves without the interpreter's teardown
-
-
 def _train(args: argparse.Namespace) -> int:
     run = _writing_config(args.configs, "train")  # before torch: its import writes caches
     from scale_hyper.engine import train
 
-    global _FINISHED_DISTRIBUTED_TRAIN
-    code = train.main(run)
-    _FINISHED_DISTRIBUTED_TRAIN = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    return code
+    return train.main(run)
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -344,10 +338,10 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 def run() -> None:
     """The process entry (the ``scale-hyper`` script, ``python -m scale_hyper``): ``main``, then exit.
-    After a multi-rank ``train`` the process leaves without the interpreter's teardown
-    (``scale_hyper/launch/leave.py``)."""
+    A rank of a multi-rank launch (train, doctor, eval under torchrun/srun/deepspeed) leaves without
+    the interpreter's teardown (``scale_hyper/launch/leave.py``)."""
     code = main()
-    if _FINISHED_DISTRIBUTED_TRAIN:
+    if "torch.distributed" in sys.modules and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         from scale_hyper.launch.leave import leave_now
 
         leave_now(code)

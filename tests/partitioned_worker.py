@@ -113,6 +113,16 @@ def check_bf16(info) -> dict:
     return {"max_diff": max_diff(got, ref), "dtype": str(next(p for p in part.parameters()).dtype)}
 
 
+def mean_step_loss(engine, step: int, info) -> float:
+    """One optimizer step on this rank's batch; the loss averaged over the ranks."""
+    loss = engine(**batch(step, info.rank), sparse_logits=True).loss
+    engine.backward(loss)
+    engine.step()
+    t = loss.detach().clone()
+    torch.distributed.all_reduce(t)
+    return t.item() / info.world_size
+
+
 def train(info, run, tmp: Path, name: str, resume_check: bool = False) -> dict:
     model = setup.build_model(run, info, None)
     engine, _ = setup.start_deepspeed(run, info, model, None)
@@ -128,12 +138,7 @@ def train(info, run, tmp: Path, name: str, resume_check: bool = False) -> dict:
         if resume_check and step == SAVE_AT:
             engine.save_checkpoint(str(tmp / name), tag="mid")
             saved = gathered_state(model)
-        loss = engine(**batch(step, info.rank), sparse_logits=True).loss
-        engine.backward(loss)
-        engine.step()
-        t = loss.detach().clone()
-        torch.distributed.all_reduce(t)
-        losses.append(t.item() / info.world_size)
+        losses.append(mean_step_loss(engine, step, info))
     out = {
         "losses": losses, "resident": len(resident), "shared": len(shared_names),
         "shared_gathers": sum(v for k, v in counts.items() if k in shared_names),
@@ -144,15 +149,7 @@ def train(info, run, tmp: Path, name: str, resume_check: bool = False) -> dict:
         engine2, _ = setup.start_deepspeed(run, info, again, None)
         setup.keep_shared_resident(run, engine2, again)
         engine2.load_checkpoint(str(tmp / name), tag="mid")
-        resumed = []
-        for step in range(SAVE_AT, STEPS):
-            loss = engine2(**batch(step, info.rank), sparse_logits=True).loss
-            engine2.backward(loss)
-            engine2.step()
-            t = loss.detach().clone()
-            torch.distributed.all_reduce(t)
-            resumed.append(t.item() / info.world_size)
-        out["resumed_losses"] = resumed
+        out["resumed_losses"] = [mean_step_loss(engine2, step, info) for step in range(SAVE_AT, STEPS)]
         if info.rank == 0:  # zero_to_fp32 on the saved checkpoint = the weights held at the save
             from scale_hyper import runs
 

@@ -23,11 +23,13 @@ slice, so the output bytes do not either.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import io
 import json
 import logging
 import math
+import os
 from typing import Any, Dict, List, Optional
 
 import numpy as np
@@ -199,6 +201,7 @@ def run_slice(data_cfg, plan: Dict[str, Any], tok, slice_id: int, docs: Optional
     for split, packer in packers.items():
         packer.finish()
         rows[split] = np.frombuffer(bufs[split].getbuffer(), dtype=dtype).reshape(-1, seq_len)
+    _remove_stale_temp_files(data_cfg.output, slice_id)
     try:  # every file appears whole or not at all (storage.open_write), the partial last
         splits = {k: _write_split(data_cfg, plan, r, k, slice_id, special["pad"]) for k, r in rows.items()}
         partial = {
@@ -217,6 +220,17 @@ def run_slice(data_cfg, plan: Dict[str, Any], tok, slice_id: int, docs: Optional
             raise OutOfSpace(slice_id, _shard_bytes(data_cfg, plan, rows), err.strerror or str(err)) from None
         raise
     return partial
+
+
+def _remove_stale_temp_files(output: str, slice_id: int) -> None:
+    """Temp files of this slice's shards left by a writer that was killed mid-file (SIGKILL, a
+    cancelled array task): only this task writes this slice now, so none of them is being written."""
+    if not storage.is_local(output):
+        return
+    root = storage.local_path(output)
+    patterns = (f"*-{slice_id:06d}-*.tar.tmp*", os.path.join("slices", f"{slice_id:06d}.json.tmp*"))
+    for stale in (f for pattern in patterns for f in glob.glob(os.path.join(root, pattern))):
+        os.remove(stale)
 
 
 def _shard_bytes(data_cfg, plan, rows: Dict[str, np.ndarray]) -> int:
