@@ -1,6 +1,6 @@
 """Leaving a process that ran distributed training, without the interpreter's teardown.
 
-After a finished multi-rank run, Python's finalization destroys gloo's and the rendezvous store's C++
+After a multi-rank run (train, doctor), Python's finalization destroys gloo's and the rendezvous store's C++
 objects in no fixed order across ranks; a thread still inside one of them is then unwound through
 C++ and aborts the process ("terminate called without an active exception", seen under srun after
 the summary was printed). So the process entries (``scale-hyper``, ``python -m scale_hyper``, the
