@@ -63,6 +63,14 @@ def scale_hyper(*args: str) -> List[str]:
     return [sys.executable, "-m", "scale_hyper", *args]
 
 
+# The tiny 2-layer run the multi-rank fault, bf16 and tracking tests share (their COMMON adds the rest).
+TINY_RUN = [
+    "data.max_documents=400", "data.vocab_size=512", "data.seq_len=64", "data.sequences_per_shard=128",
+    "model.num_layers=2", "train.micro_batch_size=8", "train.global_batch_size=0", "train.log_every=1",
+    "train.eval_batches=2", "train.eval_every=1000", "train.lr=3e-3",
+]  # fmt: skip
+
+
 def prepare_shards(workdir: Path, common: Sequence[str]) -> Path:
     """Prepare one shard set in ``workdir`` (shared by a module's tests: preparing is not what they test)."""
     proc = subprocess.run(

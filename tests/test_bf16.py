@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from launch import prepare_shards, scale_hyper, start_ranks
+from launch import TINY_RUN, prepare_shards, scale_hyper, start_ranks
 from safetensors.torch import load_file
 
 from scale_hyper.runs import ds_files
@@ -32,10 +32,8 @@ from scale_hyper.runs import ds_files
 pytestmark = pytest.mark.slow
 
 COMMON = [
-    "data.max_documents=400", "data.vocab_size=512", "data.seq_len=64", "data.sequences_per_shard=128",
-    "model.num_layers=2", "train.micro_batch_size=8", "train.global_batch_size=0", "train.log_every=1",
-    "train.eval_batches=2", "train.eval_every=1000", "train.lr=3e-3", "train.warmup_ratio=0",
-    "deepspeed.precision=bf16", "tracking.enabled=false",
+    *TINY_RUN,
+    "train.warmup_ratio=0", "deepspeed.precision=bf16", "tracking.enabled=false",
 ]  # fmt: skip
 
 

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 import pytest
-from launch import prepare_shards, run_ranks, scale_hyper
+from launch import TINY_RUN, prepare_shards, run_ranks, scale_hyper
 from test_slurm import TRAIN, cluster, job_env, run, shards, submit  # noqa: F401  (fixtures reused)
 
 from scale_hyper import runs
@@ -35,11 +35,9 @@ pytestmark = pytest.mark.slow
 
 STEPS = 6
 COMMON = [
-    "data.max_documents=400", "data.vocab_size=512", "data.seq_len=64", "data.sequences_per_shard=128",
-    "model.num_layers=2", "train.micro_batch_size=8", "train.global_batch_size=0", "train.log_every=1",
-    "train.eval_batches=2", "train.eval_every=1000", "deepspeed.precision=fp32", "train.lr=3e-3",
-    f"train.max_steps={STEPS}", "train.save_every=2", "train.export=false", "tracking.enabled=false",
-    "train.keep_checkpoints=0",
+    *TINY_RUN,
+    "deepspeed.precision=fp32", f"train.max_steps={STEPS}", "train.save_every=2", "train.export=false",
+    "tracking.enabled=false", "train.keep_checkpoints=0",
 ]  # fmt: skip
 OPTIM = "zero_pp_rank_{}_mp_rank_00_optim_states.pt"
 MODEL = "mp_rank_00_model_states.pt"

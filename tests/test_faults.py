@@ -20,17 +20,16 @@ from pathlib import Path
 
 import pytest
 from conftest import unavailable
-from launch import free_port, prepare_shards, rank_env, scale_hyper
+from launch import TINY_RUN, free_port, prepare_shards, rank_env, scale_hyper
 
 pytestmark = pytest.mark.slow
 
 STEPS = 8
 COMMON = [
-    "data.max_documents=400", "data.vocab_size=512", "data.seq_len=64", "data.sequences_per_shard=128",
-    "model.num_layers=2", "train.micro_batch_size=8", "train.global_batch_size=0", "train.log_every=1",
-    "train.eval_batches=2", "train.eval_every=1000", "deepspeed.precision=fp32", "train.lr=3e-3",
-    f"train.max_steps={STEPS}", "train.save_every=4", "train.stop_check_every=1", "train.export=false",
-    "tracking.enabled=false", "train.keep_checkpoints=1",
+    *TINY_RUN,
+    "deepspeed.precision=fp32", f"train.max_steps={STEPS}", "train.save_every=4",
+    "train.stop_check_every=1", "train.export=false", "tracking.enabled=false",
+    "train.keep_checkpoints=1",
 ]  # fmt: skip
 
 

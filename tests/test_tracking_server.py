@@ -20,15 +20,13 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from launch import free_port, prepare_shards, run_ranks, scale_hyper, start_ranks
+from launch import TINY_RUN, free_port, prepare_shards, run_ranks, scale_hyper, start_ranks
 
 pytestmark = pytest.mark.slow
 
 COMMON = [
-    "data.max_documents=400", "data.vocab_size=512", "data.seq_len=64", "data.sequences_per_shard=128",
-    "model.num_layers=2", "train.micro_batch_size=8", "train.global_batch_size=0", "train.log_every=1",
-    "train.eval_batches=2", "train.eval_every=1000", "train.save_every=1000", "train.export=false",
-    "deepspeed.precision=fp32", "train.lr=3e-3",
+    *TINY_RUN,
+    "train.save_every=1000", "train.export=false", "deepspeed.precision=fp32",
 ]  # fmt: skip
 
 
