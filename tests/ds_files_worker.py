@@ -17,6 +17,7 @@ from scale_hyper.config import load_config
 from scale_hyper.engine import ds_config
 from scale_hyper.engine.distributed import init_distributed
 from scale_hyper.engine.setup import param_groups
+from scale_hyper.launch.leave import leave_now
 from scale_hyper.models import build_model
 
 GEOMETRY = [
@@ -127,6 +128,8 @@ def main(out_dir: str) -> None:
     only = sys.argv[2].split(",") if len(sys.argv) > 2 else list(VARIANTS)
     for name in only:
         run_variant(name, Path(out_dir), info.world_size, info.rank)
+    torch.distributed.barrier()
+    leave_now(0)  # several engines' gloo threads can abort the interpreter's teardown (seen in CI)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import ctypes
 import json
-import os
 import sys
 
 import torch
@@ -27,6 +26,7 @@ from scale_hyper.config import load_config
 from scale_hyper.config.batch import global_batch, split_batch
 from scale_hyper.engine import setup
 from scale_hyper.engine.distributed import init_distributed
+from scale_hyper.launch.leave import leave_now
 from scale_hyper.models import memory
 
 STEPS, MICRO, SEQ = 3, 2, 128
@@ -104,8 +104,7 @@ def main(out: str, how: str, overrides: list) -> None:
         with open(out, "w") as f:
             json.dump(every, f, indent=1)
     torch.distributed.barrier()
-    sys.stdout.flush()
-    os._exit(0)
+    leave_now(0)  # several engines' gloo threads can abort the interpreter's teardown (seen in CI)
 
 
 if __name__ == "__main__":

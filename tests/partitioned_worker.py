@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import tempfile
 import weakref
@@ -28,6 +27,7 @@ from zero_worker import batch, count_gathers
 from scale_hyper.config import ConfigError, load_config
 from scale_hyper.engine import setup
 from scale_hyper.engine.distributed import init_distributed
+from scale_hyper.launch.leave import leave_now
 
 STEPS, SAVE_AT = 5, 3
 BASE = [
@@ -204,8 +204,7 @@ def main(out_path: str) -> None:
     if info.rank == 0:
         Path(out_path).write_text(json.dumps(every))
     torch.distributed.barrier()
-    sys.stdout.flush()  # several engines' gloo/DeepSpeed threads can abort the interpreter's teardown
-    os._exit(0)
+    leave_now(0)  # several engines' gloo threads can abort the interpreter's teardown (seen in CI)
 
 
 if __name__ == "__main__":

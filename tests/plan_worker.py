@@ -7,7 +7,6 @@ master partition and the Adam moments. Results (per rank) go to the JSON file na
 from __future__ import annotations
 
 import json
-import os
 import sys
 
 import torch
@@ -17,6 +16,7 @@ from scale_hyper.engine import ds_config
 from scale_hyper.engine.distributed import init_distributed
 from scale_hyper.engine.residency import keep_resident
 from scale_hyper.engine.setup import param_groups
+from scale_hyper.launch.leave import leave_now
 from scale_hyper.models import build_model
 
 MICRO, SEQ, VOCAB = 2, 16, 509  # an odd vocabulary: ZeRO partitions need padding
@@ -89,10 +89,7 @@ def main(out_path: str) -> None:
         with open(out_path, "w") as f:
             json.dump({"world": info.world_size, "ranks": every, "overrides": OVERRIDES}, f)
     torch.distributed.barrier()
-    # Four engines' worth of DeepSpeed/gloo threads can abort the interpreter's teardown ("terminate
-    # called without an active exception", seen once in CI): the figures are written, leave at once.
-    sys.stdout.flush()
-    os._exit(0)
+    leave_now(0)  # several engines' gloo threads can abort the interpreter's teardown (seen in CI)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ after the first step (see below). Results go to the JSON file named on the comma
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import sys
 
@@ -25,6 +24,7 @@ from scale_hyper.config import load_config
 from scale_hyper.engine import ds_config
 from scale_hyper.engine.distributed import init_distributed
 from scale_hyper.engine.residency import is_available, keep_resident
+from scale_hyper.launch.leave import leave_now
 from scale_hyper.models import build_model
 
 STEPS, VOCAB, SEQ, MICRO = 6, 512, 32, 4
@@ -140,10 +140,7 @@ def main(out_path: str) -> None:
         with open(out_path, "w") as f:
             json.dump(results, f)
     torch.distributed.barrier()
-    # Seven engines' gloo/DeepSpeed threads can abort the interpreter's teardown ("terminate called without
-    # an active exception", seen in CI, as for tests/plan_worker.py): the results are written, leave at once.
-    sys.stdout.flush()
-    os._exit(0)
+    leave_now(0)  # several engines' gloo threads can abort the interpreter's teardown (seen in CI)
 
 
 if __name__ == "__main__":
