@@ -216,14 +216,20 @@ def test_marker_and_manifest_are_checked_too(base, tmp_path):
 
 
 def test_rotation_never_deletes_the_newest_intact_checkpoint_while_newer_ones_are_damaged(base):
+    """Rotation spares the newest intact checkpoint; the line a hung rank prints names it (sizes only)."""
     out = copy_of(base, "rotation")
     ckpts = runs.RunDir(out).complete_checkpoints()  # step_2, step_4, step_6
     assert manifest.prunable(ckpts, keep=1) == ckpts[:2]  # all intact: plain rotation
+    assert manifest.newest_sized(out / "checkpoints") == ckpts[2]
     (ckpts[2] / OPTIM.format(1)).unlink()
     assert manifest.prunable(ckpts, keep=2) == ckpts[:1]  # step_4 is kept anyway
     assert manifest.prunable(ckpts, keep=1) == ckpts[:1]  # step_6 damaged: step_4 is spared
+    assert manifest.newest_sized(out / "checkpoints") == ckpts[1]
     (ckpts[1] / MODEL).write_bytes(b"x")
     assert manifest.prunable(ckpts, keep=1) == ckpts[1:2]  # both newer damaged: step_2 is spared
+    assert manifest.newest_sized(out / "checkpoints") == ckpts[0]
+    flip_a_byte(ckpts[0] / MODEL)  # same size: only a full check sees it, the hang line does not read files
+    assert manifest.newest_sized(out / "checkpoints") == ckpts[0]
 
 
 @pytest.mark.slurm

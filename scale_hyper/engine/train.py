@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import sys
 import time
+from functools import partial
 from typing import Optional
 
 import torch.distributed as dist
@@ -29,6 +30,7 @@ from scale_hyper.engine.heartbeat import Heartbeats
 from scale_hyper.engine.progress import Progress, log
 from scale_hyper.engine.resume import ResumeError
 from scale_hyper.engine.watchdog import NonFiniteError, StopSignals, count_update, injected_nonfinite_steps
+from scale_hyper.runs import manifest
 
 
 def train(tr: setup.Trainer, stop: StopSignals) -> Optional[str]:
@@ -112,7 +114,12 @@ def main(run: RunConfig) -> int:
     try:
         info = init_distributed(run.train.device, run.train.dist_timeout_minutes)
         run_dir = runs.RunDir(run.train.output_dir)
-        beats = Heartbeats(info.rank, info.world_size, run.train.dist_timeout_minutes, run_dir.newest).start()
+        beats = Heartbeats(
+            info.rank,
+            info.world_size,
+            run.train.dist_timeout_minutes,
+            partial(manifest.newest_sized, run_dir.checkpoints),
+        ).start()  # a hang names the newest checkpoint whose file sizes match its manifest
         tr = setup.build(run, info)
         beats.follow(lambda: tr.state.step if tr else None)
         if tr.state.val_before is None:  # the baseline every later validation is compared with
@@ -140,7 +147,7 @@ def main(run: RunConfig) -> int:
     except (RuntimeError, dist.DistBackendError) as err:
         if info is None or info.world_size == 1 or not _looks_distributed(err):
             raise
-        newest = runs.RunDir(run.train.output_dir).newest()
+        newest = manifest.newest_sized(runs.RunDir(run.train.output_dir).checkpoints)
         silent = beats.dead_ranks() if beats else []
         suspect = f" (no heartbeat from rank {', '.join(map(str, silent))})" if silent else ""
         print(

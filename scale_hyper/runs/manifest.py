@@ -30,7 +30,7 @@ import sys
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import xxhash
 
@@ -246,6 +246,15 @@ def newest_first(path: PathLike) -> List[Path]:
         if found:
             return found[::-1]
     return []
+
+
+def newest_sized(path: PathLike) -> Optional[Path]:
+    """The newest checkpoint whose files all have the sizes its manifest records (stat only, no reads):
+    what a hung or failed run names for its rerun, which verifies it fully before loading."""
+    for ckpt in newest_first(path):
+        if verify(ckpt, "sizes").usable:
+            return ckpt
+    return None
 
 
 def _warn(message: str) -> None:
