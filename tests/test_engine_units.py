@@ -175,6 +175,36 @@ def test_resume_recipe_must_match_the_checkpoint(tmp_path, saved, now, world_now
         resume.check_recipe(ckpt, run, global_now)
 
 
+def test_a_checkpoint_saved_by_a_newer_version_is_read_without_the_keys_this_one_does_not_know(tmp_path, capsys):
+    """Unknown keys are left out with one warning (once per process); an unknown model key, which may
+    change what the weights mean, and a value of the wrong type are refused in one line naming the key."""
+    from scale_hyper.config import to_yaml
+
+    def saved_with(extra: str, version: str = "9.0.0") -> Path:
+        ckpt = _fake_ckpt(tmp_path / extra.split(":")[0], "step_4", 4, 1)
+        state = json.loads((ckpt / runs.MARKER).read_text())
+        state.update(config_yaml=to_yaml(load_config(["hyperbert-mini"])) + extra, scale_hyper_version=version)
+        (ckpt / runs.MARKER).write_text(json.dumps(state))
+        return ckpt
+
+    ckpt = saved_with("future:\n  knob: 1\n")
+    text = (ckpt / runs.MARKER).read_text().replace("train:\\n", "train:\\n  new_option: 3\\n", 1)
+    (ckpt / runs.MARKER).write_text(text)
+    run = runs.run_config_of(ckpt)
+    assert run.model == load_config(["hyperbert-mini"]).model
+    runs.run_config_of(ckpt)  # resolved again: no second warning
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        f"scale-hyper: warning: checkpoint {ckpt} was saved by scale-hyper 9.0.0: ignoring train.new_option, "
+        "future.knob, which scale-hyper 0.1.0 does not know"
+    ], err
+    with pytest.raises(ConfigError, match=r"saved by scale-hyper 9\.0\.0 with model\.rotary, which scale-hyper "
+                       r"0\.1\.0 does not know — read it with the scale-hyper version that wrote it"):  # fmt: skip
+        runs.run_config_of(saved_with("model:\n  rotary: true\n"))
+    with pytest.raises(ConfigError, match=r"bad value for config key 'train.max_steps' \(from checkpoint .*step_4\)"):
+        runs.run_config_of(saved_with("train:\n  max_steps: many\n"))
+
+
 def test_reentrant_checkpointing_is_refused_with_reason():
     with pytest.raises(ConfigError, match="already been reduced.*non_reentrant"):
         load_config(["train.activation_checkpointing=reentrant"])

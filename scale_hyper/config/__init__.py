@@ -3,7 +3,7 @@
 RunConfig, each field with a description and its allowed values), ``loading`` (presets, YAML,
 overrides, one validation pass) and ``docs`` (``--explain`` and docs/config.md)."""
 
-from scale_hyper.config.loading import ConfigError, available_presets, flatten, load_config, to_yaml
+from scale_hyper.config.loading import ConfigError, available_presets, flatten, load_config, load_saved, to_yaml
 from scale_hyper.config.model import MIXERS, ModelConfig
 from scale_hyper.config.schema import (
     DataConfig,
@@ -28,6 +28,7 @@ __all__ = [
     "available_presets",
     "flatten",
     "load_config",
+    "load_saved",
     "schema_fields",
     "to_yaml",
 ]

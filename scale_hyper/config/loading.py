@@ -11,11 +11,12 @@ from __future__ import annotations
 import difflib
 import os
 from importlib import resources
-from typing import Iterable, List, Sequence
+from typing import Any, Dict, Iterable, List, Sequence, Tuple
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from scale_hyper import __version__
 from scale_hyper.config.model import ConfigError, fail
 from scale_hyper.config.schema import RunConfig, schema_fields
 
@@ -137,6 +138,54 @@ def load_config(args: Sequence[str] = ()) -> RunConfig:
     except OmegaConfBaseException as err:
         raise _explain(err, "interpolation") from None
     return run.validate()
+
+
+def _leaf_keys(node: Dict[str, Any], prefix: str = "") -> Iterable[str]:
+    for key, value in node.items():
+        full = f"{prefix}{key}"
+        if isinstance(value, dict) and full not in FREE_FORM:
+            yield from _leaf_keys(value, f"{full}.")
+        else:
+            yield full
+
+
+def _drop(node: Dict[str, Any], key: str) -> None:
+    """Delete a dotted key, and the groups it leaves empty."""
+    head, _, rest = key.partition(".")
+    if rest:
+        _drop(node[head], rest)
+    if not rest or not node[head]:
+        del node[head]
+
+
+def load_saved(text: str, origin: str, saved_by: str = "another version") -> Tuple[RunConfig, List[str]]:
+    """The resolved config stored with a checkpoint, read by this version of scale-hyper. A key this
+    version does not know (the checkpoint was saved by a newer one) is left out and returned, for the
+    caller's one warning; an unknown ``model.*`` key is refused, since it may change what the weights mean."""
+    import yaml
+
+    try:
+        saved = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise fail(f"{origin}: its stored config is not YAML ({str(err).splitlines()[0]})", "the marker is damaged: "
+                   "`scale-hyper checkpoint verify` checks it") from None  # fmt: skip
+    if not isinstance(saved, dict):
+        raise fail(f"{origin}: its stored config is not a mapping", "`scale-hyper checkpoint verify` checks it")
+    unknown = [key for key in _leaf_keys(saved) if not _is_known(key)]
+    model = [key for key in unknown if key.startswith("model.")]
+    if model:
+        raise fail(
+            f"{origin} was saved by {saved_by} with {', '.join(model)}, which scale-hyper {__version__} does not know",
+            "read it with the scale-hyper version that wrote it, or a newer one",
+        )
+    for key in unknown:
+        _drop(saved, key)
+    try:
+        run = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.create(saved)))
+    except OmegaConfBaseException as err:
+        raise _explain(err, origin) from None
+    assert isinstance(run, RunConfig)
+    return run, unknown
 
 
 def to_yaml(run: RunConfig) -> str:

@@ -27,7 +27,7 @@ from typing import Any, Dict, Iterator, List, Optional
 import torch
 import torch.distributed as dist
 
-from scale_hyper import runs
+from scale_hyper import __version__, runs
 from scale_hyper.config import RunConfig, to_yaml
 from scale_hyper.engine import disk
 from scale_hyper.engine.progress import log
@@ -152,6 +152,7 @@ class Checkpointer:
                 "data_cursors": cursors,
                 "mlflow_run_id": self.tracker.run_id,
                 "config_yaml": to_yaml(self.run),
+                "scale_hyper_version": __version__,  # named when another version reads this checkpoint
                 "data_output": self.run.data.output,
             }, checksum))  # fmt: skip
             self._prune()

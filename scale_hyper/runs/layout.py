@@ -10,11 +10,13 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
-from scale_hyper.config import RunConfig
+from scale_hyper import __version__
+from scale_hyper.config import RunConfig, load_saved
 
 MARKER = "trainer_state.json"
 SET_ASIDE = ".damaged"  # suffix of a damaged checkpoint a resume moved out of the way (kept, never read)
@@ -138,10 +140,19 @@ def write_state(ckpt: PathLike, state: Dict[str, Any]) -> None:
 
 
 def run_config_of(ckpt: PathLike) -> RunConfig:
-    """The resolved config a checkpoint was trained with (stored in its marker)."""
-    from omegaconf import OmegaConf
-
-    text = read_state(ckpt)["config_yaml"]
-    run = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.create(text)))
-    assert isinstance(run, RunConfig)
+    """The resolved config a checkpoint was trained with (stored in its marker). Keys a newer
+    scale-hyper saved that this one does not know are left out, said once (rank 0)."""
+    state = read_state(ckpt)
+    saved_by = f"scale-hyper {state['scale_hyper_version']}" if "scale_hyper_version" in state else "another version"
+    run, ignored = load_saved(state["config_yaml"], f"checkpoint {ckpt}", saved_by)
+    line = (
+        f"scale-hyper: warning: checkpoint {ckpt} was saved by {saved_by}: ignoring {', '.join(ignored)}, "
+        f"which scale-hyper {__version__} does not know"
+    )
+    if ignored and line not in _said and os.environ.get("RANK", "0") == "0":
+        _said.add(line)
+        print(line, file=sys.stderr, flush=True)
     return run
+
+
+_said: set = set()  # warnings given by this process (a source is resolved several times)
