@@ -9,6 +9,7 @@ name, a YAML path, or a DeepSpeed JSON) → overrides. The result is validated o
 from __future__ import annotations
 
 import difflib
+import functools
 import os
 from importlib import resources
 from typing import Any, Dict, Iterable, List, Sequence, Tuple
@@ -47,9 +48,13 @@ def _suggest(key: str) -> str:
     return f" Did you mean '{close[0]}'?" if close else ""
 
 
+@functools.lru_cache(maxsize=1)
+def _known_keys() -> frozenset:
+    return frozenset(_all_keys())
+
+
 def _is_known(key: str) -> bool:
-    keys = set(_all_keys())
-    if key in keys:
+    if key in _known_keys():
         return True
     return any(key.startswith(f"{k}.") for k in FREE_FORM)
 

@@ -139,20 +139,27 @@ def write_state(ckpt: PathLike, state: Dict[str, Any]) -> None:
     os.replace(tmp, Path(ckpt) / MARKER)
 
 
+def warn(message: str) -> None:
+    """Readers run on one process, or on every rank (train.init_from): said by rank 0."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"scale-hyper: warning: {message}", file=sys.stderr, flush=True)
+
+
 def run_config_of(ckpt: PathLike) -> RunConfig:
     """The resolved config a checkpoint was trained with (stored in its marker). Keys a newer
-    scale-hyper saved that this one does not know are left out, said once (rank 0)."""
+    scale-hyper saved that this one does not know are left out, said once per process."""
     state = read_state(ckpt)
     saved_by = f"scale-hyper {state['scale_hyper_version']}" if "scale_hyper_version" in state else "another version"
     run, ignored = load_saved(state["config_yaml"], f"checkpoint {ckpt}", saved_by)
-    line = (
-        f"scale-hyper: warning: checkpoint {ckpt} was saved by {saved_by}: ignoring {', '.join(ignored)}, "
-        f"which scale-hyper {__version__} does not know"
-    )
-    if ignored and line not in _said and os.environ.get("RANK", "0") == "0":
-        _said.add(line)
-        print(line, file=sys.stderr, flush=True)
+    if ignored:
+        line = (
+            f"checkpoint {ckpt} was saved by {saved_by}: ignoring {', '.join(ignored)}, "
+            f"which scale-hyper {__version__} does not know"
+        )
+        if line not in _said:  # a source is resolved several times
+            _said.add(line)
+            warn(line)
     return run
 
 
-_said: set = set()  # warnings given by this process (a source is resolved several times)
+_said: set = set()

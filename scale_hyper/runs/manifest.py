@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 import mmap
 import os
-import sys
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +41,7 @@ from scale_hyper.runs.layout import (
     find_checkpoint,
     is_checkpoint,
 )
+from scale_hyper.runs.layout import warn as _warn  # the readers' one warning line
 
 ALGORITHM = "xxh3_64"
 MANIFEST = "manifest.json"
@@ -255,12 +255,6 @@ def newest_sized(path: PathLike) -> Optional[Path]:
         if verify(ckpt, "sizes").usable:
             return ckpt
     return None
-
-
-def _warn(message: str) -> None:
-    """Readers run on one process, or on every rank (train.init_from): said once, by rank 0."""
-    if os.environ.get("RANK", "0") == "0":
-        print(f"scale-hyper: warning: {message}", file=sys.stderr, flush=True)
 
 
 def unverifiable_warning(ckpt: Path) -> str:
